@@ -1,0 +1,127 @@
+"""The ``eora-export`` command: parse flags, run the pipeline, print a summary.
+
+Every failure a user can cause prints one line and exits with the code of its class
+(errors.py); ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import INTERNAL_ERROR_EXIT_CODE, EoraError, Interrupted, UsageError
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from None
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, usage exit code
+        raise UsageError(f"{message} (see eora-export --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="eora-export",
+        description="Compress an LLM (INT4 / 2:4 / both), compensate the error with EoRA low-rank "
+        "factors, and write deployable outputs.",
+    )
+    p.add_argument("--version", action="version", version=f"eora-export {__version__}")
+    p.add_argument("--model", default="demo", help="'demo', a local Hugging Face folder, or an alias such as llama2-7b (looked up in the local HF cache)")
+    p.add_argument("--out", type=Path, default=Path("eora-out"), help="output folder (default: eora-out)")
+    g = p.add_argument_group("compression")
+    g.add_argument("--quant", choices=["rtn", "gptq", "awq", "none"], default="rtn", help="weight quantizer (default: rtn)")
+    g.add_argument("--bits", type=int, default=4, help="weight bits: 4 or 3 (default: 4)")
+    g.add_argument("--group-size", type=int, default=128, help="quantization group along the input dim (default: 128)")
+    g.add_argument("--sparsity", choices=["none", "sparsegpt", "magnitude"], default="none", help="2:4 sparsity (default: none)")
+    g.add_argument("--only", action="append", default=[], metavar="PATTERN", help="compress only Linears matching this fnmatch pattern (repeatable)")
+    g.add_argument("--skip", action="append", default=[], metavar="PATTERN", help="leave Linears matching this pattern in FP16 (repeatable)")
+    g = p.add_argument_group("compensation")
+    g.add_argument("--method", choices=["eora", "svd", "none"], default="eora", help="default: eora")
+    g.add_argument("--rank", type=int, default=16, help="rank of the low-rank residual; clamped per layer to min(out, in) (default: 16)")
+    g.add_argument("--lowrank-bits", type=int, default=4, help="storage of the factors: 4, 8 or 16 (default: 4)")
+    g.add_argument("--lowrank-group-size", type=int, default=0, help="factor quantization group (default: largest of 128..2 dividing rank and width)")
+    g.add_argument("--fast", action="store_true", help="Cholesky + randomized SVD instead of eigh + full SVD (for big models)")
+    g = p.add_argument_group("calibration and evaluation")
+    g.add_argument("--calib", action="append", default=[], metavar="FILE[:WEIGHT]", help="calibration text or JSONL ('text' field); repeat to mix sets with weights (default: built-in English text)")
+    g.add_argument("--calib-samples", type=int, default=128, help="calibration sequences (default: 128)")
+    g.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default: 256)")
+    g.add_argument("--eval-file", help="held-out text for perplexity (default: the demo's held-out split)")
+    g.add_argument("--eval-samples", type=int, default=64, help="held-out sequences (default: 64)")
+    g.add_argument("--sweep-ranks", type=_int_list, help="ranks for the perplexity-vs-rank plot, e.g. 4,8,16,32 (default: around --rank); '' for none")
+    g.add_argument("--no-compare", action="store_true", help="evaluate only --method, not SVD beside it")
+    g.add_argument("--batch-size", type=int, default=8)
+    g.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .pipeline import RunConfig, run
+
+    cfg = RunConfig(
+        model=args.model, out=args.out, method=args.method, rank=args.rank, lowrank_bits=args.lowrank_bits,
+        lowrank_group_size=args.lowrank_group_size, quant=args.quant, bits=args.bits, group_size=args.group_size,
+        sparsity=args.sparsity, calib=args.calib, calib_samples=args.calib_samples, seq_len=args.seq_len,
+        eval_file=args.eval_file, eval_samples=args.eval_samples, sweep_ranks=args.sweep_ranks,
+        compare=not args.no_compare, fast=args.fast, only=args.only, skip=args.skip,
+        batch_size=args.batch_size, seed=args.seed,
+    )
+    report = run(cfg, progress=not args.quiet)
+    print(report["table"])
+    print(f"outputs written to {cfg.out}/ (report.json, adapter/, base/, plots)")
+    return 0
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    logging.basicConfig(level=logging.WARNING, format="eora-export: %(message)s")
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        args = build_parser().parse_args(argv)
+        if args.quiet:
+            import os
+
+            os.environ["TQDM_DISABLE"] = "1"
+        return _run(args)
+    except EoraError as e:
+        if debug:
+            raise
+        print(f"eora-export: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("eora-export: interrupted; earlier outputs were left as they were", file=sys.stderr)
+        return Interrupted.exit_code
+    except MemoryError:
+        print("eora-export: error: out of memory; use --fast, fewer --calib-samples, or a bigger machine", file=sys.stderr)
+        return INTERNAL_ERROR_EXIT_CODE
+    except OSError as e:
+        if debug:
+            raise
+        print(f"eora-export: error: {e.strerror or e} ({e.filename or 'I/O'}); check the path, permissions and free disk space", file=sys.stderr)
+        return 4
+    except Exception as e:  # noqa: BLE001 - the last line of defence: one line, not a traceback
+        if debug:
+            raise
+        print(f"eora-export: internal error: {type(e).__name__}: {e} (rerun with --debug and report it)", file=sys.stderr)
+        return INTERNAL_ERROR_EXIT_CODE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

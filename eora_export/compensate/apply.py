@@ -1,0 +1,134 @@
+"""Model surgery: compensate every compressed Linear and swap in ``EoraLinear`` modules."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ..calibration import GramStore
+from ..errors import UsageError
+from ..models import set_module
+from ..modules import EoraLinear
+from ..quant import QuantizedMatrix, quantize
+from .eora import eora_factors_from_root, gram_root, svd_factors, weighted_error
+
+METHODS = ("eora", "svd", "none")
+
+
+@dataclass(frozen=True)
+class CompensationConfig:
+    method: str = "eora"
+    rank: int = 16
+    lowrank_bits: int = 4
+    lowrank_group_size: int = 0  # 0: the largest of 128, 64, ... 2 dividing both rank and in
+    fast: bool = False  # Cholesky + randomized SVD instead of eigh + full SVD
+
+
+@dataclass
+class LayerResult:
+    """What one Linear got: its module and the activation-weighted errors tr(E G Eᵀ)."""
+
+    module: EoraLinear
+    rank: int
+    error_before: float
+    error_after: float
+
+
+def lowrank_group(rank: int, in_features: int, requested: int = 0) -> int:
+    """Block size along K for both factors: it must divide ``rank`` and ``in_features``."""
+    if requested:
+        if rank % requested or in_features % requested:
+            raise UsageError(
+                f"--lowrank-group-size {requested} must divide the rank ({rank}) and the layer width ({in_features})"
+            )
+        return requested
+    for g in (128, 64, 32, 16, 8, 4, 2):
+        if rank % g == 0 and in_features % g == 0:
+            return g
+    raise UsageError(f"rank {rank} is odd; quantized factors need an even rank (or --lowrank-bits 16)")
+
+
+def layer_rank(requested: int, out_features: int, in_features: int) -> int:
+    """Rank clamped to what a [out, in] layer allows (documented: clamp, and report it)."""
+    return min(requested, out_features, in_features)
+
+
+def quantize_factors(b: Tensor, a: Tensor, bits: int, group: int) -> tuple[QuantizedMatrix, QuantizedMatrix]:
+    """b: [out, r], a: [r, in] float -> quantized, each blocked along its own K (r for b, in for a)."""
+    return quantize(b.float(), bits, group), quantize(a.float(), bits, group)
+
+
+def compensate_layers(
+    compressed: dict,
+    grams: GramStore,
+    cfg: CompensationConfig,
+    biases: dict[str, Tensor | None] | None = None,
+    progress: bool = True,
+) -> dict[str, LayerResult]:
+    """EoraLinear per compressed Linear. ``compressed[name]`` has ``weight`` (QuantizedMatrix
+    [out, in]), ``reference`` (float [out, in]) and ``sparse24``. Gram roots are computed
+    once per shared input."""
+    if cfg.method not in METHODS:
+        raise UsageError(f"unknown method '{cfg.method}'; use one of {', '.join(METHODS)}")
+    if cfg.method != "none" and cfg.rank <= 0:
+        raise UsageError(f"--rank must be positive for --method {cfg.method}, got {cfg.rank}")
+    biases = biases or {}
+    roots: dict[str, object] = {}
+    results = {}
+    for name, cl in tqdm(compressed.items(), desc=f"compensate ({cfg.method})", unit="layer", disable=not progress, leave=False):
+        w_c = cl.weight.dequantize().double()
+        delta = cl.reference.double() - w_c
+        gram = grams.gram(name)
+        before = weighted_error(delta, gram)
+        out_f, in_f = delta.shape
+        if cfg.method == "none":
+            module = EoraLinear(cl.weight, bias=biases.get(name), sparse24=cl.sparse24)
+            results[name] = LayerResult(module, 0, before, before)
+            continue
+        rank = layer_rank(cfg.rank, out_f, in_f)
+        if cfg.method == "eora":
+            key = grams.owner[name]
+            if key not in roots:
+                roots[key] = gram_root(gram, fast=cfg.fast)
+            b, a = eora_factors_from_root(delta, roots[key], rank, fast=cfg.fast)
+        else:
+            b, a = svd_factors(delta, rank)
+        group = 0 if cfg.lowrank_bits == 16 else lowrank_group(rank, in_f, cfg.lowrank_group_size)
+        bq, aq = quantize_factors(b, a, cfg.lowrank_bits, group)
+        module = EoraLinear(cl.weight, aq, bq, bias=biases.get(name), sparse24=cl.sparse24)
+        after = weighted_error(delta, gram, module.b.double(), module.a.double())
+        results[name] = LayerResult(module, rank, before, after)
+    return results
+
+
+@contextlib.contextmanager
+def swapped(model: nn.Module, modules: dict[str, nn.Module]) -> Iterator[nn.Module]:
+    """Temporarily put ``modules`` into ``model`` (by qualified name); restore on exit."""
+    old = {name: set_module(model, name, mod) for name, mod in modules.items()}
+    try:
+        yield model
+    finally:
+        for name, mod in old.items():
+            set_module(model, name, mod)
+
+
+def total_storage(results: dict[str, LayerResult]) -> dict[str, int]:
+    """Bytes of compressed weights and of factors over all compensated Linears."""
+    weights = sum(r.module.weight_q.storage_bytes() for r in results.values())
+    factors = sum(r.module.storage_bytes() - r.module.weight_q.storage_bytes() for r in results.values())
+    return {"weights": weights, "factors": factors}
+
+
+def as_float_module(module: EoraLinear) -> nn.Linear:
+    """A plain float32 Linear computing W_c + B A (for code that needs nn.Linear)."""
+    lin = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+    with torch.no_grad():
+        lin.weight.copy_(module.weight.float() + module.residual_weight())
+        if module.bias is not None:
+            lin.bias.copy_(module.bias.float())
+    return lin

@@ -1,0 +1,174 @@
+"""EoRA and its plain-SVD baseline: closed-form low-rank compensation factors.
+
+EoRA (Liu et al., arXiv 2410.21271) minimises ‖(ΔW − BA) Xᵀ‖_F over rank-r B A, where
+G = XᵀX / N is the calibration Gram matrix of the layer's inputs. With any square root
+G = R Rᵀ, the optimum is the rank-r truncated SVD of ΔW R mapped back by R⁻¹ (the same
+closed form as QERA-exact and SVD-LLM whitening). Two roots are offered:
+
+* eigen (exact): R = Q_k Λ_k^(1/2) over the eigen-directions that carry data. Eigenvalues
+  at or below λ_max · in · eps(float64) are rounding noise, so they are dropped, never
+  inverted (a pseudo-inverse): directions without data get no compensation.
+* Cholesky (fast): R = L, top-r SVD by randomized iteration, A by a triangular solve.
+  Used only when G is well conditioned; otherwise it falls back to the eigen root.
+
+Everything runs in float64 and returns float64.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+_EPS64 = torch.finfo(torch.float64).eps
+# Cholesky is trusted only while the smallest pivot stays this far above rounding noise;
+# below it the damped directions would be inverted, which is what the eigen root avoids.
+_CHOLESKY_MIN_RELATIVE_PIVOT = 1e-10
+
+
+@dataclass(frozen=True)
+class GramRoot:
+    """A square root G ≈ R Rᵀ restricted to the directions that carry data.
+
+    Eigen root: ``basis`` = Q_k [in, k], ``sqrt_eig`` = √λ_k [k]; R = Q_k diag(√λ_k).
+    Cholesky root: ``chol`` = L [in, in] lower-triangular; R = L.
+    """
+
+    basis: Tensor | None = None
+    sqrt_eig: Tensor | None = None
+    chol: Tensor | None = None
+
+    @property
+    def kind(self) -> str:
+        return "cholesky" if self.chol is not None else "eigen"
+
+    @property
+    def data_rank(self) -> int:
+        """Number of input directions with data (k)."""
+        return self.chol.shape[0] if self.chol is not None else self.sqrt_eig.numel()
+
+    def whiten(self, delta_w: Tensor) -> Tensor:
+        """``delta_w: [out, in]`` -> ΔW R ``[out, k]``."""
+        if self.chol is not None:
+            return delta_w @ self.chol
+        return (delta_w @ self.basis) * self.sqrt_eig
+
+    def unwhiten_rows(self, v: Tensor) -> Tensor:
+        """``v: [r, k]`` (rows in the whitened space) -> v R⁻¹ ``[r, in]``."""
+        if self.chol is not None:
+            # v L⁻¹ = (L⁻ᵀ vᵀ)ᵀ, a triangular solve: no explicit inverse.
+            return torch.linalg.solve_triangular(self.chol.T, v.T, upper=True).T
+        return (v / self.sqrt_eig) @ self.basis.T
+
+
+def check_finite(t: Tensor, what: str) -> None:
+    if not torch.isfinite(t).all():
+        bad = int((~torch.isfinite(t)).sum())
+        raise ValueError(f"{what} holds {bad} NaN/Inf values; check the model weights and calibration data")
+
+
+def gram_root(gram: Tensor, fast: bool = False) -> GramRoot:
+    """Factor ``gram: [in, in]`` (symmetric PSD) in float64.
+
+    fast=True tries Cholesky first and keeps it only when G is well conditioned.
+    """
+    if gram.ndim != 2 or gram.shape[0] != gram.shape[1]:
+        raise ValueError(f"Gram matrix must be square, got shape {tuple(gram.shape)}")
+    check_finite(gram, "Gram matrix")
+    g = gram.to(torch.float64)
+    g = (g + g.T) / 2
+    n = g.shape[0]
+    if fast:
+        scale = g.diagonal().abs().max()
+        if scale > 0:
+            damped = g + torch.eye(n, dtype=g.dtype) * (scale * n * _EPS64)
+            chol, info = torch.linalg.cholesky_ex(damped)
+            if info == 0:
+                pivots = chol.diagonal().square()
+                if pivots.min() > pivots.max() * _CHOLESKY_MIN_RELATIVE_PIVOT:
+                    return GramRoot(chol=chol)
+    eigvals, eigvecs = torch.linalg.eigh(g)
+    lam_max = eigvals.max().clamp(min=0)
+    keep = eigvals > lam_max * n * _EPS64
+    return GramRoot(basis=eigvecs[:, keep], sqrt_eig=eigvals[keep].sqrt())
+
+
+def _check_rank(delta_w: Tensor, rank: int) -> None:
+    if delta_w.ndim != 2:
+        raise ValueError(f"delta_w must be [out, in], got shape {tuple(delta_w.shape)}")
+    out_f, in_f = delta_w.shape
+    if not 0 < rank <= min(out_f, in_f):
+        raise ValueError(
+            f"rank {rank} does not fit a [{out_f}, {in_f}] layer; use 1..{min(out_f, in_f)}"
+        )
+
+
+def _split_sqrt(u: Tensor, s: Tensor, vh: Tensor, rank: int, out_f: int) -> tuple[Tensor, Tensor]:
+    """B = U_r √S_r, A-rows = √S_r V_rᵀ, zero-padded to ``rank`` when fewer exist."""
+    r = min(rank, s.numel())
+    root = s[:r].sqrt()
+    b = torch.zeros(out_f, rank, dtype=torch.float64)
+    a_rows = torch.zeros(rank, vh.shape[1], dtype=torch.float64)
+    b[:, :r] = u[:, :r] * root
+    a_rows[:r] = root[:, None] * vh[:r]
+    return b, a_rows
+
+
+def eora_factors_from_root(
+    delta_w: Tensor, root: GramRoot, rank: int, fast: bool = False
+) -> tuple[Tensor, Tensor]:
+    """EoRA factors for a precomputed :class:`GramRoot` (share it between Linears that
+    read the same input).
+
+    delta_w: [out, in]. Returns B [out, rank], A [rank, in], float64. Where G holds fewer
+    than ``rank`` data directions the extra factor columns are zero.
+    fast=True uses a randomized top-r SVD (torch.svd_lowrank) instead of the full SVD.
+    """
+    _check_rank(delta_w, rank)
+    check_finite(delta_w, "weight error ΔW")
+    dw = delta_w.to(torch.float64)
+    out_f = dw.shape[0]
+    if root.data_rank == 0:
+        return torch.zeros(out_f, rank, dtype=torch.float64), torch.zeros(rank, dw.shape[1], dtype=torch.float64)
+    m = root.whiten(dw)
+    if fast and rank + 16 < min(m.shape):
+        u, s, v = torch.svd_lowrank(m, q=min(rank + 32, min(m.shape)), niter=4)
+        vh = v.T
+    else:
+        u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    b, a_white = _split_sqrt(u, s, vh, rank, out_f)
+    return b, root.unwhiten_rows(a_white)
+
+
+def eora_factors(delta_w: Tensor, gram: Tensor, rank: int, fast: bool = False) -> tuple[Tensor, Tensor]:
+    """EoRA: the rank-``rank`` B A minimising tr((ΔW − BA) G (ΔW − BA)ᵀ).
+
+    delta_w: [out, in] = W − W_c; gram: [in, in] = XᵀX / N of the layer's inputs.
+    Returns B [out, rank], A [rank, in] in float64. The minimum equals Σ_{i>r} s_i² of
+    ΔW R (R Rᵀ = G). fast=True: Cholesky root + randomized SVD (within 1e-4 relative of
+    the exact optimum on realistic spectra; tests check it).
+    """
+    _check_rank(delta_w, rank)
+    if gram.shape != (delta_w.shape[1],) * 2:
+        raise ValueError(
+            f"Gram matrix {tuple(gram.shape)} does not match the layer's {delta_w.shape[1]} inputs"
+        )
+    return eora_factors_from_root(delta_w, gram_root(gram, fast=fast), rank, fast=fast)
+
+
+def svd_factors(delta_w: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """Plain SVD baseline (ZeroQuant-V2 LoRC): the rank-``rank`` B A closest to ΔW in
+    Frobenius norm, ignoring activations. delta_w: [out, in] -> B [out, rank], A [rank, in]."""
+    _check_rank(delta_w, rank)
+    check_finite(delta_w, "weight error ΔW")
+    u, s, vh = torch.linalg.svd(delta_w.to(torch.float64), full_matrices=False)
+    return _split_sqrt(u, s, vh, rank, delta_w.shape[0])
+
+
+def weighted_error(delta_w: Tensor, gram: Tensor, b: Tensor | None = None, a: Tensor | None = None) -> float:
+    """tr(E G Eᵀ) with E = ΔW − B A: the mean squared output error per calibration token."""
+    e = delta_w.to(torch.float64)
+    if b is not None:
+        e = e - b.to(torch.float64) @ a.to(torch.float64)
+    return float(torch.einsum("oi,ij,oj->", e, gram.to(torch.float64), e))

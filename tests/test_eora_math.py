@@ -1,0 +1,137 @@
+"""EoRA's closed form: optimality, the residual identity, and the numerical pitfalls."""
+
+import pytest
+import torch
+
+from eora_export.compensate.eora import eora_factors, gram_root, svd_factors, weighted_error
+
+
+def _data(n_tokens: int, d_in: int, seed: int, decay: float = 3.0) -> torch.Tensor:
+    """Correlated activations with a decaying spectrum, like real hidden states."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(d_in, d_in, generator=g, dtype=torch.float64)
+    spectrum = torch.logspace(0, -decay, d_in, dtype=torch.float64)
+    return torch.randn(n_tokens, d_in, generator=g, dtype=torch.float64) * spectrum @ mix
+
+
+def _gram(x: torch.Tensor) -> torch.Tensor:
+    return x.T @ x / x.shape[0]
+
+
+def _tail(delta_w: torch.Tensor, gram: torch.Tensor, rank: int) -> float:
+    s = torch.linalg.svdvals(gram_root(gram).whiten(delta_w.double()))
+    return float((s[rank:] ** 2).sum())
+
+
+@pytest.mark.parametrize("n_tokens", [2000, 40], ids=["full-rank", "rank-deficient"])
+def test_residual_equals_singular_tail_and_beats_random(n_tokens):
+    d_out, d_in, rank = 48, 64, 6
+    gram = _gram(_data(n_tokens, d_in, seed=1))
+    delta = torch.randn(d_out, d_in, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    b, a = eora_factors(delta, gram, rank)
+    assert b.shape == (d_out, rank) and a.shape == (rank, d_in)
+    assert torch.isfinite(b).all() and torch.isfinite(a).all()
+    err = weighted_error(delta, gram, b, a)
+    assert err == pytest.approx(_tail(delta, gram, rank), rel=1e-9, abs=1e-12)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(50):
+        cand_b = torch.randn(d_out, rank, generator=g, dtype=torch.float64)
+        cand_a = torch.randn(rank, d_in, generator=g, dtype=torch.float64) * 0.1
+        assert weighted_error(delta, gram, cand_b, cand_a) >= err
+        # Small perturbations of the optimum must not improve it either.
+        eps = 1e-3
+        pert = weighted_error(delta, gram, b + eps * cand_b, a + eps * cand_a)
+        assert pert >= err - 1e-9 * max(err, 1.0)
+
+
+@pytest.mark.parametrize("n_tokens", [2000, 40])
+def test_eora_beats_svd_on_activation_weighted_error(n_tokens):
+    gram = _gram(_data(n_tokens, 64, seed=4))
+    delta = torch.randn(64, 64, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    for rank in (2, 8, 16):
+        e_eora = weighted_error(delta, gram, *eora_factors(delta, gram, rank))
+        e_svd = weighted_error(delta, gram, *svd_factors(delta, rank))
+        assert e_eora < e_svd
+
+
+def test_svd_is_the_frobenius_optimum():
+    delta = torch.randn(30, 40, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    b, a = svd_factors(delta, 5)
+    s = torch.linalg.svdvals(delta)
+    assert float(torch.linalg.matrix_norm(delta - b @ a) ** 2) == pytest.approx(float((s[5:] ** 2).sum()), rel=1e-10)
+    # √S split: both factors carry the same column/row norms.
+    assert torch.allclose(b.norm(dim=0), a.norm(dim=1))
+
+
+def test_rank_deficient_gram_gets_no_compensation_outside_the_data():
+    d_in, n_tokens = 64, 10
+    x = _data(n_tokens, d_in, seed=7)
+    gram = _gram(x)
+    delta = torch.randn(32, d_in, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    b, a = eora_factors(delta, gram, 16)
+    # Only n_tokens directions have data: the factors beyond them are zero, never huge.
+    assert torch.count_nonzero(b.abs().sum(0) > 0) <= n_tokens
+    null = torch.linalg.svd(x, full_matrices=True).Vh[n_tokens:]  # directions without data
+    assert (a @ null.T).abs().max() < 1e-6 * a.abs().max()
+    assert weighted_error(delta, gram, b, a) == pytest.approx(0.0, abs=1e-9 * weighted_error(delta, gram))
+
+
+def test_negative_rounding_eigenvalues_are_not_inverted():
+    gram = _gram(_data(8, 32, seed=9))
+    gram = gram - torch.eye(32, dtype=torch.float64) * 1e-18  # slightly negative spectrum
+    delta = torch.randn(16, 32, generator=torch.Generator().manual_seed(10), dtype=torch.float64)
+    b, a = eora_factors(delta, gram, 4)
+    assert torch.isfinite(a).all() and a.abs().max() < 1e6
+
+
+def test_zero_gram_gives_zero_factors():
+    delta = torch.randn(16, 32, dtype=torch.float64)
+    b, a = eora_factors(delta, torch.zeros(32, 32, dtype=torch.float64), 4)
+    assert not b.any() and not a.any()
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e30])
+def test_scale_invariance(scale):
+    gram = _gram(_data(500, 32, seed=11))
+    delta = torch.randn(16, 32, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
+    b1, a1 = eora_factors(delta, gram, 4)
+    b2, a2 = eora_factors(delta, gram * scale, 4)
+    assert torch.allclose(b1 @ a1, b2 @ a2, rtol=1e-6, atol=1e-9)
+
+
+def test_nan_is_refused():
+    gram = _gram(_data(100, 16, seed=13))
+    gram[3, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        eora_factors(torch.randn(8, 16), gram, 2)
+    with pytest.raises(ValueError, match="NaN"):
+        eora_factors(torch.full((8, 16), float("inf")), _gram(_data(100, 16, seed=14)), 2)
+
+
+def test_rank_out_of_range_is_refused():
+    gram = _gram(_data(100, 16, seed=15))
+    with pytest.raises(ValueError, match="rank 20 does not fit"):
+        eora_factors(torch.randn(8, 16), gram, 20)
+    with pytest.raises(ValueError, match="does not match"):
+        eora_factors(torch.randn(8, 16), torch.eye(12), 2)
+
+
+def test_fast_path_within_1e4_of_exact_on_realistic_spectra():
+    d_in, d_out, rank = 512, 384, 32
+    gram = _gram(_data(4096, d_in, seed=16, decay=2.0))
+    # Quantization error has a flat-ish spectrum with a few strong directions.
+    g = torch.Generator().manual_seed(17)
+    delta = torch.randn(d_out, d_in, generator=g, dtype=torch.float64) * 0.01
+    delta += torch.randn(d_out, 8, generator=g, dtype=torch.float64) @ torch.randn(8, d_in, generator=g, dtype=torch.float64) * 0.05
+    assert gram_root(gram, fast=True).kind == "cholesky"
+    exact = weighted_error(delta, gram, *eora_factors(delta, gram, rank))
+    fast = weighted_error(delta, gram, *eora_factors(delta, gram, rank, fast=True))
+    assert exact <= fast <= exact * (1 + 1e-4)
+
+
+def test_fast_path_falls_back_to_eigen_when_singular():
+    gram = _gram(_data(20, 64, seed=18))
+    assert gram_root(gram, fast=True).kind == "eigen"
+    delta = torch.randn(32, 64, dtype=torch.float64)
+    fast = weighted_error(delta, gram, *eora_factors(delta, gram, 8, fast=True))
+    assert fast == pytest.approx(_tail(delta, gram, 8), rel=1e-4)
