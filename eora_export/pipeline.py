@@ -77,6 +77,19 @@ class RunConfig:
             raise UsageError("--calib-samples and --eval-samples must be positive and --seq-len at least 2")
 
 
+def check_output_path(out: Path) -> None:
+    """Fail before any work when the output cannot be written."""
+    import os
+
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is an existing file; give a folder path (or remove the file)")
+    parent = out.resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK):
+        raise UsageError(f"cannot write to {parent}; choose an --out folder you can write")
+
+
 def _default_sweep(rank: int, max_rank: int) -> list[int]:
     ranks = {max(1, rank // 4), max(1, rank // 2), rank, rank * 2, rank * 4}
     return sorted(r for r in ranks if r <= max_rank and (r % 2 == 0 or r == 1))
@@ -107,9 +120,29 @@ def _layer_rows(results: dict[str, dict[str, LayerResult]]) -> list[dict]:
     return rows
 
 
+@dataclass
+class RunResult:
+    """Everything a run computed: the report plus the objects the writers need."""
+
+    report: dict
+    model: torch.nn.Module  # the compressed model (target Linears still plain; see ``modules``)
+    tokenizer: object
+    modules: dict[str, LayerResult]  # the final method's layers
+    sweep: dict[str, dict[int, float]]
+    model_path: Path
+
+
 def run(cfg: RunConfig, progress: bool = True) -> dict:
     """Compress, compensate and evaluate; write outputs to ``cfg.out``; return the report."""
+    result = compute(cfg, progress)
+    write_outputs(cfg, result)
+    return result.report
+
+
+def compute(cfg: RunConfig, progress: bool = True) -> RunResult:
+    """All the work of a run, without writing anything."""
     cfg.validate()
+    check_output_path(cfg.out)
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
     path = resolve_model(cfg.model)
@@ -180,8 +213,7 @@ def run(cfg: RunConfig, progress: bool = True) -> dict:
         "timings": timings,
     }
     report["table"] = summary_table(report)
-    _write_outputs(cfg, report, compressed_model, tokenizer, final, sweep, ppl, path)
-    return report
+    return RunResult(report, compressed_model, tokenizer, final, sweep, path)
 
 
 def summary_table(report: dict) -> str:
@@ -194,18 +226,20 @@ def summary_table(report: dict) -> str:
     return format_table(rows) + "\n(size: decoder Linears only; factors at --lowrank-bits)"
 
 
-def _write_outputs(cfg: RunConfig, report: dict, model, tokenizer, final: dict[str, LayerResult], sweep, ppl, model_path: Path) -> None:
+def write_outputs(cfg: RunConfig, result: RunResult) -> None:
+    """The output folder, all or nothing: base/, adapter/, report.json, plots."""
+    report, ppl = result.report, result.report["perplexity"]
     meta = {
         "method": cfg.method, "rank": cfg.rank, "lowrank_bits": cfg.lowrank_bits, "quant": cfg.quant, "bits": cfg.bits,
         "group_size": cfg.group_size, "sparsity": cfg.sparsity, "eora_export_version": __version__,
     }
-    modules = {n: r.module for n, r in final.items()}
+    modules = {n: r.module for n, r in result.modules.items()}
     with atomic_dir(cfg.out) as tmp:
-        save_compressed_base(model, tokenizer, modules, tmp / "base", meta)
+        save_compressed_base(result.model, result.tokenizer, modules, tmp / "base", meta)
         if cfg.method != "none":
-            save_peft_adapter(modules, tmp / "adapter", str(model_path), meta)
+            save_peft_adapter(modules, tmp / "adapter", str(result.model_path), meta)
         write_json(report, tmp / "report.json")
         plot_layer_errors(report["layers"], tmp / "per_layer_error.png")
-        if sweep:
+        if result.sweep:
             ref = {"fp16": ppl["fp16"], "compressed": ppl["compressed"]}
-            plot_ppl_vs_rank(sweep, ref, tmp / "ppl_vs_rank.png")
+            plot_ppl_vs_rank(result.sweep, ref, tmp / "ppl_vs_rank.png")

@@ -127,7 +127,7 @@ def _drop_beside_orphan_chains(index: GraphIndex, matches: list[Match], claimed:
                                                "the output through ops outside the pattern"))
         else:
             keep.append(m)
-    for l1, l2 in orphans:
+    for l1, _l2 in orphans:
         report.unmatched.append((l1.name or l1.output[0], "low-rank path MatMul(MatMul(x, A), B) is not "
                                                           "followed by the pattern's Add with its main MatMul"))
     return keep
@@ -166,7 +166,7 @@ def unfuse(model: onnx.ModelProto) -> onnx.ModelProto:
         if len(node.input) != len(roles) or len(node.output) != 1:
             raise ValueError(f"EoraLinear node {node.name!r} has {len(node.input)} inputs and {len(node.output)} "
                              f"outputs; its attributes call for inputs {roles} and one output")
-        binding = dict(zip(roles, node.input))
+        binding = dict(zip(roles, node.input, strict=True))
         binding["y"] = node.output[0]
         for role, (dtype, shape) in spec.input_layouts(attrs).items():
             if binding[role] not in inits:
@@ -200,7 +200,7 @@ def node_attrs(node: onnx.NodeProto) -> dict[str, Any]:
 
 def _replace_nodes(graph: onnx.GraphProto, nodes: list[onnx.NodeProto]) -> None:
     kept = [onnx.NodeProto() for _ in nodes]
-    for dst, src in zip(kept, nodes):
+    for dst, src in zip(kept, nodes, strict=True):
         dst.CopyFrom(src)
     del graph.node[:]
     graph.node.extend(kept)
@@ -217,3 +217,24 @@ def _drop_value_info(graph: onnx.GraphProto) -> None:
 def _set_opset(model: onnx.ModelProto, domain: str, version: int) -> None:
     if not any(o.domain == domain for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(domain, version))
+
+
+def emit_fused(prefix: str, x: str, y: str, weights: Any) -> tuple[list[onnx.NodeProto], list[TensorProto]]:
+    """One fused node and its initializers for ``weights`` (:class:`pattern.LinearWeights`).
+
+    Goes through the emitter and :func:`fuse` on a one-layer graph, so a directly fused
+    export is, by construction, what fusing the unfused export gives. An ordinary float16
+    Linear (weight_bits 16, rank 0, not 2:4) stays a plain MatMul, as :func:`fuse` leaves it.
+    """
+    from .pattern import emit, pattern_model
+
+    a = weights.attrs
+    if a["weight_bits"] == 16 and not a["rank"] and not a["sparse24"]:
+        return emit(prefix, x, y, weights)  # a plain float16 MatMul: fuse() leaves it alone too
+    fused_model, report = fuse(pattern_model(weights, prefix))
+    if len(report.fused) != 1:
+        raise RuntimeError(f"the emitted pattern of {prefix!r} did not fuse: {report.summary()}")
+    node = fused_model.graph.node[0]
+    node.input[0] = x
+    node.output[0] = y
+    return [node], list(fused_model.graph.initializer)

@@ -16,8 +16,9 @@ graph against the same template, node for node, so the two cannot drift.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import onnx
@@ -119,7 +120,7 @@ class LinearWeights:
     _: None = field(default=None, repr=False)
 
     @classmethod
-    def from_module(cls, mod: Any) -> "LinearWeights":
+    def from_module(cls, mod: Any) -> LinearWeights:
         """From an :class:`eora_export.modules.EoraLinear` (torch layout ``[rows, cols]``)."""
         wq, aq, bq = mod.weight_q, mod.a_q, mod.b_q
         if wq.bits not in (3, 4, 16):
@@ -437,8 +438,8 @@ def check(index: GraphIndex, attrs: dict[str, Any], binding: dict[str, str]) -> 
         elem = index.types.get(binding[role])
         if elem is not None and elem != TensorProto.FLOAT16:
             raise NoMatch(f"{role} ({binding[role]!r}) is {TensorProto.DataType.Name(elem)}, the pattern is FLOAT16")
-    prefix = binding["y_main"][: -len("/y_main")] if binding["y_main"].endswith("/y_main") \
-        else (nodes[0].name or binding["y_main"])
+    main = next(n for s, n in zip(steps, nodes, strict=True) if s.output == "y_main")
+    prefix = main.name[: -len("/y_main")] if main.name.endswith("/y_main") else (main.name or main.output[0])
     binding = {r: binding[r] for r in ["x", "y", *roles]}
     return Match(attrs, binding, nodes, prefix)
 

@@ -11,10 +11,11 @@ order from here, so they cannot drift.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 SPEC_FILENAME = "eora_linear.spec.json"
 

@@ -1,0 +1,497 @@
+"""LSI: Learnable Singular-value Increments (Gao et al., arXiv 2406.16299), block by block.
+
+Each target Linear weight W ``[out, in]`` gets an SVD W = U diag(σ) Vᵀ and learnable
+increments δ ``[k]`` (k = min(out, in), init 0)::
+
+    W' = U diag(σ + δ) Vᵀ = W + U diag(δ) Vᵀ
+
+and, optionally, a learnable clip per quantization group (OmniQuant's LWC)::
+
+    scale = fp16(absmax_group(W') · clip / qmax),   clip = clip0 · 2·sigmoid(γ),  γ init 0
+
+W' is written as ``W + U diag(δ) Vᵀ`` (not ``U diag(σ + δ) Vᵀ``) so that at δ = 0 it *is* W,
+bit for bit, whatever the SVD's rounding; and the clip is ``2·sigmoid(γ)`` (not OmniQuant's
+``sigmoid(γ)`` with γ = 4, clip 0.982) so that at γ = 0 it is exactly 1.0. Together these make
+the invariant "zero training steps return exactly the starting RTN codes and scales"
+structural rather than a special case.
+
+Training, one decoder block at a time (OmniQuant's scheme, chosen here on purpose):
+
+* input of block i: the calibration activations after the already-quantized blocks 0..i-1
+  (so block i also learns to absorb the error that reaches it);
+* target: the full-precision block i applied to the full-precision activations;
+* loss: MSE of the block output, with every target Linear of the block replaced by its
+  fake-quantized W' (rounding through a straight-through estimator); AdamW on δ and γ
+  only, everything else frozen.
+
+The fake quantization in training computes exactly the float16 values the export stores
+(same scale rounding, same round-half-to-even, same fp16 product), so the loss the optimizer
+sees is the loss of the weights we ship. The output is an ordinary
+:class:`~eora_export.quant.QuantizedMatrix` (codes from :func:`~eora_export.quant.quantize_with_scales`
+with the learned scales): no inference cost, and EoRA can run on it afterwards
+(``compensate_layers(lsi_compress(...), grams, cfg)`` is ``lsi+eora``).
+
+2:4 sparsity is not supported: a sparse base is refused with a UsageError (δ moves every
+entry of W, so keeping a mask would need a projected update; not worth it before it is
+asked for).
+
+Memory: one block's parameters plus two activation streams (FP and quantized), each
+``[n_windows, seq, hidden]``, stored in float16 when they would exceed
+:data:`FP32_STREAM_LIMIT_BYTES` (computed in the block's dtype).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from ..compress import CompressedLinear
+from ..errors import BadInput, UsageError
+from ..quant import QuantizedMatrix, check_group, group_scales, qmax, quantize_with_scales
+
+log = logging.getLogger(__name__)
+
+# Two streams above this many bytes in float32 are kept in float16 instead (a 7B model with
+# 128 x 2048 calibration tokens: 2 x 4 GiB in float32, 2 x 2 GiB in float16).
+FP32_STREAM_LIMIT_BYTES = 2 << 30
+
+
+@dataclass(frozen=True)
+class LsiConfig:
+    """Options of :func:`lsi_compress`.
+
+    lr: AdamW step for δ in units of the matrix's mean singular value (δ = mean(σ) · ε, ε
+        is the parameter), so one setting fits layers of any scale.
+    clip_lr: AdamW step for γ (clip = clip0 · 2·sigmoid(γ); d clip/dγ = 0.5 at γ = 0).
+    batch_size: calibration windows per optimizer step.
+    activations: "auto" (float16 streams only when float32 would exceed
+        FP32_STREAM_LIMIT_BYTES), "float32" or "float16".
+    """
+
+    bits: int = 4
+    group_size: int = 128
+    epochs: int = 5
+    lr: float = 1e-3
+    clip_lr: float = 1e-2
+    batch_size: int = 4
+    use_clip: bool = True
+    seed: int = 0
+    weight_decay: float = 0.0  # decay pulls δ and γ back to the RTN start; off by default
+    activations: str = "auto"
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.bits not in (3, 4, 8):
+            raise UsageError(f"LSI weight bits must be 3, 4 or 8, got {self.bits}")
+        if self.group_size <= 0:
+            raise UsageError(f"group size must be positive, got {self.group_size}")
+        if self.epochs < 0 or self.batch_size <= 0:
+            raise UsageError(f"LSI needs epochs >= 0 and batch size > 0, got {self.epochs} and {self.batch_size}")
+        if self.lr < 0 or self.clip_lr < 0 or self.weight_decay < 0:
+            raise UsageError("LSI learning rates and weight decay must be non-negative")
+        if self.activations not in ("auto", "float32", "float16"):
+            raise UsageError(f"activations must be auto, float32 or float16, got {self.activations!r}")
+
+
+# --------------------------------------------------------------------------------------
+# Differentiable fake quantization
+# --------------------------------------------------------------------------------------
+
+
+def ste_round(x: Tensor) -> Tensor:
+    """round(x) forward (half to even, like quant.quantize_with_scales), identity backward."""
+    return x + (torch.round(x) - x).detach()
+
+
+def ste_fp16(x: Tensor) -> Tensor:
+    """Rounding to float16 forward, identity backward (kept in ``x``'s dtype)."""
+    return x + (x.to(torch.float16).to(x.dtype) - x).detach()
+
+
+def lsi_weight(w: Tensor, u: Tensor, vh: Tensor, delta: Tensor) -> Tensor:
+    """W' = W + U diag(δ) Vᵀ ``[out, in]``; w: [out, in], u: [out, k], vh: [k, in], delta: [k]."""
+    return w + (u * delta) @ vh
+
+
+def lsi_clip(gamma: Tensor | None, clip0: Tensor | None) -> Tensor | float:
+    """Clip factor per group ``[out, in // group]`` (or the scalar 1.0 without LWC): clip0 · 2·sigmoid(γ)."""
+    clip: Tensor | float = 1.0 if gamma is None else 2 * torch.sigmoid(gamma)
+    if clip0 is not None:
+        clip = clip0 * clip
+    return clip
+
+
+def lsi_quantize_linear(
+    w: Tensor,
+    u: Tensor,
+    vh: Tensor,
+    delta: Tensor,
+    bits: int,
+    group_size: int,
+    gamma: Tensor | None = None,
+    clip0: Tensor | None = None,
+    round_fn: Callable[[Tensor], Tensor] = ste_round,
+    fp16_fn: Callable[[Tensor], Tensor] = ste_fp16,
+) -> Tensor:
+    """Fake-quantized W' ``[out, in]`` in ``w``'s dtype, differentiable in δ and γ.
+
+    w: [out, in]; u: [out, k]; vh: [k, in]; delta: [k]; gamma, clip0: [out, in // group_size]
+    or None. The forward values equal ``lsi_export(...).dequantize()`` exactly (float32 inputs):
+    scale = fp16(absmax · clip / qmax), codes = round_half_even(W' / scale) in the code
+    range, value = fp16(code · scale).
+
+    Clamping happens *before* rounding (identical values: the bounds are integers) so that
+    the straight-through surrogate ``clamp(v) + const`` has no kink where a code sits on the
+    bound; its gradient is then exactly what finite differences of that surrogate give.
+    round_fn / fp16_fn are the two non-differentiable roundings (swappable in tests).
+    """
+    out_f, in_f = w.shape
+    check_group(in_f, group_size, "weight")
+    wp = lsi_weight(w, u, vh, delta).reshape(out_f, in_f // group_size, group_size)
+    # Same expression and order as quant.group_scales: amax * clip / qmax, then fp16.
+    scale = fp16_fn(wp.abs().amax(-1) * lsi_clip(gamma, clip0) / qmax(bits))
+    live = scale > 0
+    safe = torch.where(live, scale, torch.ones_like(scale))
+    v = (wp / safe[..., None]).clamp(-qmax(bits) - 1, qmax(bits))
+    codes = round_fn(v) * live[..., None]  # all-zero groups (scale 0) get code 0, as in quant.py
+    return fp16_fn(codes * scale[..., None]).reshape(out_f, in_f)
+
+
+@torch.no_grad()
+def lsi_export(
+    w: Tensor,
+    u: Tensor,
+    vh: Tensor,
+    delta: Tensor,
+    bits: int,
+    group_size: int,
+    gamma: Tensor | None = None,
+    clip0: Tensor | None = None,
+) -> QuantizedMatrix:
+    """The shipped weight: W' quantized with exactly the learned scales (same args as
+    :func:`lsi_quantize_linear`). At δ = 0, γ = 0, clip0 = None this is ``quant.quantize(w,
+    bits, group_size)`` bit for bit."""
+    wp = lsi_weight(w.float(), u.float(), vh.float(), delta.float())
+    clip = lsi_clip(None if gamma is None else gamma.float(), None if clip0 is None else clip0.float())
+    scale = group_scales(wp, bits, group_size, clip=clip)
+    return QuantizedMatrix(quantize_with_scales(wp, scale, bits, group_size), scale, bits, group_size)
+
+
+def initial_clip(w: Tensor, scale: Tensor, bits: int, group_size: int) -> Tensor:
+    """clip0 ``[out, in // group]`` reproducing the float16 ``scale`` of a base quantizer:
+    fp16(absmax · clip0 / qmax) == scale (float32 error is far below half an fp16 ulp).
+    All-zero groups get 1.0."""
+    amax = w.detach().float().reshape(w.shape[0], -1, group_size).abs().amax(-1)
+    return torch.where(amax > 0, scale.float() * qmax(bits) / torch.where(amax > 0, amax, 1.0), 1.0)
+
+
+class LsiLinear(nn.Module):
+    """A Linear whose weight is the fake-quantized W' (training-time stand-in).
+
+    weight: [out, in] (the FP W); bias: [out] or None; clip0: [out, in // group] or None.
+    Parameters: ``eps`` [k] (δ = mean(σ) · eps) and, with LWC, ``gamma`` [out, in // group].
+    """
+
+    def __init__(
+        self, weight: Tensor, bias: Tensor | None, bits: int, group_size: int, use_clip: bool, clip0: Tensor | None
+    ) -> None:
+        super().__init__()
+        w = weight.detach().float().clone()
+        out_f, in_f = w.shape
+        check_group(in_f, group_size, "weight")
+        # float32 SVD is enough: W' = W + U diag(δ) Vᵀ is exactly W at δ = 0 whatever the
+        # basis' rounding, and a slightly non-orthogonal basis only reparametrizes δ.
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        self.bits, self.group_size = bits, group_size
+        self.register_buffer("w", w)
+        self.register_buffer("u", u.contiguous())
+        self.register_buffer("vh", vh.contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        self.register_buffer("clip0", None if clip0 is None else clip0.float())
+        self.sigma_scale = float(s.mean()) if s.numel() else 1.0
+        self.eps = nn.Parameter(torch.zeros(s.numel()))
+        self.gamma = nn.Parameter(torch.zeros(out_f, in_f // group_size)) if use_clip else None
+
+    def delta(self) -> Tensor:
+        """δ ``[k]`` in the units of σ."""
+        return self.eps * self.sigma_scale
+
+    def fake_weight(self) -> Tensor:
+        """float32 ``[out, in]``: the values the export will store, with STE gradients."""
+        return lsi_quantize_linear(
+            self.w, self.u, self.vh, self.delta(), self.bits, self.group_size, self.gamma, self.clip0
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: [..., in] -> [..., out] in x's dtype (computed in float32)."""
+        y = F.linear(x.float(), self.fake_weight(), self.bias)
+        return y.to(x.dtype)
+
+    def export(self) -> QuantizedMatrix:
+        return lsi_export(self.w, self.u, self.vh, self.delta(), self.bits, self.group_size, self.gamma, self.clip0)
+
+
+class _FixedLinear(nn.Module):
+    """A Linear computing with a fixed float32 weight [out, in] (propagating the quantized stream)."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight.float())
+        self.register_buffer("bias", None if bias is None else bias.detach().float())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x.float(), self.weight, self.bias).to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------
+# Block-wise training
+# --------------------------------------------------------------------------------------
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook: nothing past the first decoder block is needed."""
+
+
+def decoder_layers(model: nn.Module) -> tuple[nn.ModuleList, str]:
+    """The decoder blocks of a Llama-style causal LM and their qualified prefix (``model.layers``)."""
+    for name, mod in model.named_modules():
+        if name.endswith("layers") and isinstance(mod, nn.ModuleList) and len(mod) > 0:
+            return mod, name
+    raise BadInput("no decoder layers (a ModuleList named '*.layers') found; LSI supports Llama-style models")
+
+
+def _block_of(names: list[str], prefix: str, n_layers: int) -> list[list[str]]:
+    by_block: list[list[str]] = [[] for _ in range(n_layers)]
+    for name in names:
+        head = prefix + "."
+        idx = name[len(head) :].split(".", 1)[0] if name.startswith(head) else ""
+        if not idx.isdigit() or int(idx) >= n_layers:
+            raise UsageError(f"{name} is not inside a decoder block ({prefix}.N); LSI trains decoder Linears only")
+        by_block[int(idx)].append(name)
+    return by_block
+
+
+def _stream_dtype(cfg: LsiConfig, n: int, seq: int, hidden: int, compute: torch.dtype) -> torch.dtype:
+    if cfg.activations == "float16":
+        return torch.float16
+    if cfg.activations == "float32":
+        return compute
+    return torch.float16 if 2 * n * seq * hidden * 4 > FP32_STREAM_LIMIT_BYTES else compute
+
+
+@torch.no_grad()
+def _capture_block_inputs(
+    model: nn.Module, first: nn.Module, windows: Tensor, batch_size: int, cfg: LsiConfig
+) -> tuple[Tensor, dict[int, dict]]:
+    """Hidden states entering the first decoder block ``[n, seq, hidden]`` and the keyword
+    arguments the model passes to its blocks (rotary embeddings, mask), per batch size.
+
+    Every window has the same length and no padding (calibration.token_windows), so the
+    arguments depend on the batch size at most.
+    """
+    store: dict[str, object] = {}
+
+    def hook(_mod: nn.Module, args: tuple, kwargs: dict) -> None:
+        store["x"] = args[0] if args else kwargs["hidden_states"]
+        store["kw"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        raise _StopForward
+
+    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    stream: Tensor | None = None
+    kwargs_by_bs: dict[int, dict] = {}
+    try:
+        for i in range(0, windows.shape[0], batch_size):
+            ids = windows[i : i + batch_size]
+            try:
+                model(ids, use_cache=False)
+            except _StopForward:
+                pass
+            x = store["x"]
+            assert isinstance(x, Tensor)
+            if stream is None:
+                dtype = _stream_dtype(cfg, windows.shape[0], x.shape[1], x.shape[2], x.dtype)
+                stream = torch.empty(windows.shape[0], x.shape[1], x.shape[2], dtype=dtype)
+            stream[i : i + ids.shape[0]] = x
+            kw = dict(store["kw"])  # type: ignore[arg-type]
+            kw["past_key_values"] = None
+            kw["use_cache"] = False
+            kwargs_by_bs.setdefault(ids.shape[0], kw)
+    finally:
+        handle.remove()
+    assert stream is not None
+    return stream, kwargs_by_bs
+
+
+def _run_block(block: nn.Module, x: Tensor, kwargs: dict) -> Tensor:
+    out = block(x, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def _propagate(block: nn.Module, stream: Tensor, kwargs_by_bs: dict[int, dict], batch_size: int, dtype) -> None:
+    """stream[j] <- block(stream[j]) in place, batch by batch ([n, seq, hidden])."""
+    for i in range(0, stream.shape[0], batch_size):
+        x = stream[i : i + batch_size]
+        stream[i : i + batch_size] = _run_block(block, x.to(dtype), kwargs_by_bs[x.shape[0]]).to(stream.dtype)
+
+
+@torch.no_grad()
+def _stream_mse(
+    block: nn.Module, q: Tensor, target: Tensor, kwargs_by_bs: dict[int, dict], batch_size: int, dtype
+) -> float:
+    """Mean squared error of block(q) against target over all windows."""
+    total, count = 0.0, 0
+    for i in range(0, q.shape[0], batch_size):
+        y = _run_block(block, q[i : i + batch_size].to(dtype), kwargs_by_bs[min(batch_size, q.shape[0] - i)])
+        total += float((y.float() - target[i : i + batch_size].float()).square().sum())
+        count += y.numel()
+    return total / max(count, 1)
+
+
+def _swap(block: nn.Module, prefix: str, modules: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """Put ``modules`` (qualified names under ``prefix.``) into ``block``; return the old ones."""
+    from ..models import set_module
+
+    return {n: set_module(block, n[len(prefix) + 1 :], m) for n, m in modules.items()}
+
+
+def lsi_compress(
+    model: nn.Module,
+    linears: dict[str, nn.Linear],
+    cfg: LsiConfig,
+    calib_windows: Tensor,
+    base: dict[str, CompressedLinear] | None = None,
+    stats: list[dict] | None = None,
+) -> dict[str, CompressedLinear]:
+    """Quantize ``linears`` (name -> nn.Linear of ``model``) with LSI, block by block.
+
+    model: the full-precision causal LM (left unchanged on return); calib_windows: int64
+    ``[n, seq]`` token windows. base: an earlier :func:`~eora_export.compress.compress_model`
+    result for the same Linears, or None. With a base, each weight starts from the base's
+    scales (e.g. RTN with clip search, or AWQ on an AWQ-folded model) and the codes are
+    recomputed from the FP weight; without one it starts from plain RTN (clip 1.0). A
+    2:4-sparse base is refused. stats: if given, one dict per trained block is appended
+    (block, linears, mse_start, mse_end, seconds).
+
+    Returns name -> CompressedLinear(weight=QuantizedMatrix [out, in], reference = the FP
+    weight float32 [out, in], sparse24=False), like compress_model. With ``cfg.epochs == 0``
+    the weights are exactly the starting ones (``quant.quantize(w, bits, group)`` without
+    a base).
+    """
+    cfg.validate()
+    names = list(linears)
+    if not names:
+        raise UsageError("no Linear layers for LSI")
+    base = base or {}
+    for n in names:
+        w = linears[n].weight
+        if w.dim() != 2 or not torch.isfinite(w).all():
+            raise BadInput(f"{n} has a non-finite or non-2-D weight; LSI needs a Linear [out, in]")
+        check_group(w.shape[1], cfg.group_size, n)
+        b = base.get(n)
+        if b is None:
+            continue
+        if b.sparse24:
+            raise UsageError(
+                f"LSI does not support 2:4-sparse weights ({n}); use --sparsity none with --method lsi/lsi+eora, "
+                "or EoRA alone on the sparse model"
+            )
+        if b.weight.bits != cfg.bits or b.weight.group_size != cfg.group_size:
+            raise UsageError(
+                f"the base quantization of {n} (int{b.weight.bits} g{b.weight.group_size}) does not match "
+                f"LSI's (int{cfg.bits} g{cfg.group_size}); give both the same --bits and --group-size"
+            )
+        if b.reference.shape != w.shape or not torch.allclose(b.reference, w.detach().float(), rtol=1e-3, atol=1e-6):
+            raise UsageError(f"the model's {n} weight is not the base's FP reference; pass the uncompressed model")
+
+    layers, prefix = decoder_layers(model)
+    by_block = _block_of(names, prefix, len(layers))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    result: dict[str, CompressedLinear] = {}
+    method = f"lsi int{cfg.bits} g{cfg.group_size}" + (" lwc" if cfg.use_clip else "") + f" {cfg.epochs}ep"
+
+    def make(name: str) -> LsiLinear:
+        lin = linears[name]
+        clip0 = None
+        if name in base and base[name].weight.scale is not None:
+            clip0 = initial_clip(lin.weight, base[name].weight.scale, cfg.bits, cfg.group_size)
+        return LsiLinear(lin.weight, lin.bias, cfg.bits, cfg.group_size, cfg.use_clip, clip0)
+
+    if cfg.epochs == 0:
+        # No training: the export of the untouched parameters (δ = 0, γ = 0), i.e. the start.
+        for n in names:
+            result[n] = CompressedLinear(make(n).export(), linears[n].weight.detach().float().clone(), False, method)
+        return result
+
+    last = max(i for i, blk in enumerate(by_block) if blk)
+    dtype = next(layers[0].parameters()).dtype
+    fp, kwargs_by_bs = _capture_block_inputs(model, layers[0], calib_windows, cfg.batch_size, cfg)
+    q = fp.clone()
+    n_win = fp.shape[0]
+    for i in range(last + 1):
+        block = layers[i]
+        if not by_block[i]:
+            # Nothing to quantize here: both streams go through the FP block.
+            _propagate(block, fp, kwargs_by_bs, cfg.batch_size, dtype)
+            _propagate(block, q, kwargs_by_bs, cfg.batch_size, dtype)
+            continue
+        t0 = time.perf_counter()
+        # Target: the FP block on FP inputs, written over the FP stream (its inputs are not needed again).
+        _propagate(block, fp, kwargs_by_bs, cfg.batch_size, dtype)
+        wrappers = {n: make(n) for n in by_block[i]}
+        grad_flags = {p: p.requires_grad for p in block.parameters()}
+        for p in block.parameters():
+            p.requires_grad_(False)
+        old = _swap(block, f"{prefix}.{i}", wrappers)
+        try:
+            mse_start = _stream_mse(block, q, fp, kwargs_by_bs, cfg.batch_size, dtype)
+            # The loss is the MSE relative to the target's power: Adam is scale-free, but its
+            # epsilon is not, and block outputs differ by orders of magnitude across models.
+            power = max(sum(float(c.float().square().sum()) for c in fp.split(cfg.batch_size)) / fp.numel(), 1e-30)
+            groups = [{"params": [m.eps for m in wrappers.values()], "lr": cfg.lr}]
+            if cfg.use_clip:
+                groups.append({"params": [m.gamma for m in wrappers.values()], "lr": cfg.clip_lr})
+            opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+            steps = math.ceil(n_win / cfg.batch_size)
+            bar = tqdm(total=cfg.epochs * steps, desc=f"lsi block {i + 1}/{last + 1}", unit="step",
+                       disable=not cfg.progress, leave=False)
+            for _ in range(cfg.epochs):
+                perm = torch.randperm(n_win, generator=gen)
+                for j in range(0, n_win, cfg.batch_size):
+                    idx = perm[j : j + cfg.batch_size]
+                    with torch.enable_grad():
+                        y = _run_block(block, q[idx].to(dtype), kwargs_by_bs[idx.numel()])
+                        loss = F.mse_loss(y.float(), fp[idx].float()) / power
+                        opt.zero_grad(set_to_none=True)
+                        loss.backward()
+                    opt.step()
+                    bar.update(1)
+                    bar.set_postfix(rel_mse=f"{loss.item():.3e}", start=f"{mse_start / power:.3e}")
+            bar.close()
+            exported = {n: m.export() for n, m in wrappers.items()}
+            # Propagate the quantized stream through the block with the shipped weights.
+            fixed = {n: _FixedLinear(exported[n].dequantize(), linears[n].bias) for n in wrappers}
+            _swap(block, f"{prefix}.{i}", fixed)
+            mse_end = _stream_mse(block, q, fp, kwargs_by_bs, cfg.batch_size, dtype)
+            if i < last:
+                _propagate(block, q, kwargs_by_bs, cfg.batch_size, dtype)
+        finally:
+            _swap(block, f"{prefix}.{i}", old)
+            for p, flag in grad_flags.items():
+                p.requires_grad_(flag)
+        for n in by_block[i]:
+            result[n] = CompressedLinear(exported[n], linears[n].weight.detach().float().clone(), False, method)
+        seconds = time.perf_counter() - t0
+        log.info("LSI block %d: output MSE %.4e (start) -> %.4e in %.1f s", i, mse_start, mse_end, seconds)
+        if stats is not None:
+            stats.append({"block": i, "linears": list(by_block[i]), "mse_start": mse_start, "mse_end": mse_end,
+                          "seconds": seconds})
+    return {n: result[n] for n in names}

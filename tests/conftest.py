@@ -1,0 +1,40 @@
+"""Shared fixtures: a tiny random Llama with its own tokenizer, saved like a HF folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+TEXT = (
+    "The quick brown fox jumps over the lazy dog. Compression of language models trades accuracy for speed. "
+    "Low-rank factors recover part of the lost accuracy without any training. "
+    "Calibration data is a few hundred sequences of ordinary text. "
+) * 40
+
+
+def make_tiny_model_dir(path: Path, hidden: int = 128, inter: int = 256, layers: int = 2, seed: int = 0) -> Path:
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    path.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator([TEXT], trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"]))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(path)
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=len(fast), max_position_embeddings=256, tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(cfg)
+    model.to(torch.float16).save_pretrained(path)
+    (path / "calib.txt").write_text(TEXT)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model")

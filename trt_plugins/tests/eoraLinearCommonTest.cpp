@@ -1,0 +1,480 @@
+/*
+ * CPU unit test of eoraLinearCommon.h (g++ only: no CUDA, no TensorRT).
+ *
+ * tests/test_plugin_cpu.py writes fixture files from eora_export/quant.py (codes, packed bytes, fp16 scales
+ * and dequantized values, 2:4 matrices, attribute sets) and runs this program on each. Every check prints
+ * "FAIL <what>" on a mismatch; the last line is "common: <n> passed, <m> failed" and the exit code is the
+ * number of failures (capped), so the Python side can assert on both.
+ *
+ * Fixture format: whitespace-separated tokens, one section after another:
+ *   int4 R C  <R*C codes> <R*C/2 packed bytes>            codes in [-8,7], packed along C (spec layout)
+ *   int8 n    <n codes>
+ *   dequant K N G  <K*N codes> <K/G*N scale fp16 bits> <K*N expected fp16 bits>   all in the [K, N] layout
+ *   sparse K N  <K*N/2 packed bytes> <ok> <K/2*N/2 value bytes> <K/4*N/2 meta bytes>
+ *   index n   n x (9 attributes, count, 8 indices)
+ *   validate n  n x (9 attributes, expected 0/1)
+ *   plan n    n x (9 attributes, M)        invariants of the launch planner
+ */
+#include "eoraLinearCommon.h"
+
+#include <cmath>
+#include <cstring>
+#include <cstdio>
+#include <fstream>
+#include <string>
+#include <vector>
+
+using namespace eora;
+
+namespace
+{
+
+int gPassed = 0;
+int gFailed = 0;
+
+void check(bool ok, std::string const& what)
+{
+    if (ok)
+    {
+        ++gPassed;
+    }
+    else
+    {
+        ++gFailed;
+        if (gFailed <= 50)
+        {
+            std::printf("FAIL %s\n", what.c_str());
+        }
+    }
+}
+
+//! float -> fp16 bits, round to nearest even (normal and subnormal range; inputs here are finite).
+uint16_t floatToHalfBits(float f)
+{
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    uint32_t const sign = (u >> 16) & 0x8000u;
+    float const a = std::fabs(f);
+    if (a == 0.0f)
+    {
+        return static_cast<uint16_t>(sign);
+    }
+    if (a >= 65520.0f)
+    {
+        return static_cast<uint16_t>(sign | 0x7C00u);
+    }
+    int e;
+    std::frexp(a, &e); // a = m * 2^e, m in [0.5, 1)
+    int exp16 = e - 1 + 15;
+    if (exp16 <= 0)
+    {
+        // subnormal: units of 2^-24
+        float const q = std::nearbyint(a * 16777216.0f);
+        return static_cast<uint16_t>(sign | static_cast<uint32_t>(q));
+    }
+    float const scaled = std::ldexp(a, 10 - (e - 1)); // in [1024, 2048)
+    float r = std::nearbyint(scaled);                  // default rounding mode: to nearest even
+    if (r >= 2048.0f)
+    {
+        r = 1024.0f;
+        ++exp16;
+    }
+    if (exp16 >= 31)
+    {
+        return static_cast<uint16_t>(sign | 0x7C00u);
+    }
+    return static_cast<uint16_t>(sign | (static_cast<uint32_t>(exp16) << 10) | (static_cast<uint32_t>(r) - 1024u));
+}
+
+EoraAttrs readAttrs(std::istream& in)
+{
+    EoraAttrs a;
+    in >> a.inFeatures >> a.outFeatures >> a.rank >> a.weightBits >> a.groupSize >> a.lowrankBits
+        >> a.lowrankGroupSize >> a.sparse24 >> a.hasBias;
+    return a;
+}
+
+std::string attrText(EoraAttrs const& a)
+{
+    char buf[160];
+    std::snprintf(buf, sizeof(buf), "[in=%d out=%d r=%d wb=%d g=%d lb=%d lg=%d sp=%d bias=%d]", a.inFeatures,
+        a.outFeatures, a.rank, a.weightBits, a.groupSize, a.lowrankBits, a.lowrankGroupSize, a.sparse24, a.hasBias);
+    return buf;
+}
+
+void testInt4(std::istream& in)
+{
+    int R;
+    int C;
+    in >> R >> C;
+    std::vector<int> codes(static_cast<size_t>(R) * C);
+    std::vector<uint8_t> packed(static_cast<size_t>(R) * C / 2);
+    for (int& v : codes)
+    {
+        in >> v;
+    }
+    for (uint8_t& b : packed)
+    {
+        int v;
+        in >> v;
+        b = static_cast<uint8_t>(v);
+    }
+    for (int r = 0; r < R; ++r)
+    {
+        uint8_t const* row = packed.data() + static_cast<size_t>(r) * C / 2;
+        for (int c = 0; c < C; ++c)
+        {
+            int const want = codes[static_cast<size_t>(r) * C + c];
+            check(int4At(row, c) == want, "int4At r=" + std::to_string(r) + " c=" + std::to_string(c));
+            if (c % 8 == 0 && c + 8 <= C)
+            {
+                uint32_t word;
+                std::memcpy(&word, row + c / 2, 4); // little-endian, as the kernels load it
+                for (int j = 0; j < 8; ++j)
+                {
+                    int const wj = codes[static_cast<size_t>(r) * C + c + j];
+                    check(int4FromWord(word, j) == wj, "int4FromWord r=" + std::to_string(r) + " c=" + std::to_string(c + j));
+                }
+                for (int p = 0; p < 4; ++p)
+                {
+                    uint32_t const m = int4PairMagic(word, p);
+                    float const lo = halfBitsToFloat(static_cast<uint16_t>(m & 0xFFFFu)) - kInt4Magic;
+                    float const hi = halfBitsToFloat(static_cast<uint16_t>(m >> 16)) - kInt4Magic;
+                    check(lo == static_cast<float>(codes[static_cast<size_t>(r) * C + c + 2 * p])
+                            && hi == static_cast<float>(codes[static_cast<size_t>(r) * C + c + 2 * p + 1]),
+                        "int4PairMagic r=" + std::to_string(r) + " c=" + std::to_string(c + 2 * p));
+                }
+            }
+        }
+    }
+}
+
+void testInt8(std::istream& in)
+{
+    int n;
+    in >> n;
+    std::vector<int> codes(n);
+    for (int& v : codes)
+    {
+        in >> v;
+    }
+    for (int i = 0; i + 4 <= n; i += 4)
+    {
+        uint32_t word = 0;
+        for (int j = 0; j < 4; ++j)
+        {
+            word |= (static_cast<uint32_t>(codes[i + j]) & 0xFFu) << (8 * j);
+        }
+        for (int p = 0; p < 2; ++p)
+        {
+            uint32_t const m = int8PairMagic(word, p);
+            float const lo = halfBitsToFloat(static_cast<uint16_t>(m & 0xFFFFu)) - kInt8Magic;
+            float const hi = halfBitsToFloat(static_cast<uint16_t>(m >> 16)) - kInt8Magic;
+            check(lo == static_cast<float>(codes[i + 2 * p]) && hi == static_cast<float>(codes[i + 2 * p + 1]),
+                "int8PairMagic i=" + std::to_string(i + 2 * p));
+        }
+    }
+}
+
+//! The kernels compute fp16(fp32(q) * fp32(scale[k / G, n])); quant.dequantize must agree bit for bit.
+void testDequant(std::istream& in)
+{
+    int K;
+    int N;
+    int G;
+    in >> K >> N >> G;
+    std::vector<int> codes(static_cast<size_t>(K) * N);
+    std::vector<uint16_t> scales(static_cast<size_t>(K / G) * N);
+    std::vector<uint16_t> expect(static_cast<size_t>(K) * N);
+    for (int& v : codes)
+    {
+        in >> v;
+    }
+    for (uint16_t& s : scales)
+    {
+        int v;
+        in >> v;
+        s = static_cast<uint16_t>(v);
+    }
+    for (uint16_t& s : expect)
+    {
+        int v;
+        in >> v;
+        s = static_cast<uint16_t>(v);
+    }
+    check(scaleRows(K, G) == K / G, "scaleRows");
+    int bad = 0;
+    for (int k = 0; k < K; ++k)
+    {
+        for (int n = 0; n < N; ++n)
+        {
+            float const s = halfBitsToFloat(scales[static_cast<size_t>(scaleIndex(k, n, G, N))]);
+            uint16_t const got = floatToHalfBits(static_cast<float>(codes[static_cast<size_t>(k) * N + n]) * s);
+            if (got != expect[static_cast<size_t>(k) * N + n])
+            {
+                ++bad;
+            }
+        }
+    }
+    check(bad == 0, "dequant via scaleIndex: " + std::to_string(bad) + " of " + std::to_string(K * N) + " differ");
+    check(scaleRow(G - 1, G) == 0 && scaleRow(G, G) == 1, "scaleRow boundaries");
+}
+
+void testSparse(std::istream& in)
+{
+    int K;
+    int N;
+    in >> K >> N;
+    int64_t const rowB = N / 2;
+    std::vector<uint8_t> w(static_cast<size_t>(K) * rowB);
+    for (uint8_t& b : w)
+    {
+        int v;
+        in >> v;
+        b = static_cast<uint8_t>(v);
+    }
+    int expectOk;
+    in >> expectOk;
+    std::vector<uint8_t> wantVals(static_cast<size_t>(K / 2) * rowB);
+    std::vector<uint8_t> wantMeta(static_cast<size_t>(K / 4) * rowB);
+    for (uint8_t& b : wantVals)
+    {
+        int v;
+        in >> v;
+        b = static_cast<uint8_t>(v);
+    }
+    for (uint8_t& b : wantMeta)
+    {
+        int v;
+        in >> v;
+        b = static_cast<uint8_t>(v);
+    }
+    std::vector<uint8_t> vals(wantVals.size());
+    std::vector<uint8_t> meta(wantMeta.size());
+    bool allOk = true;
+    for (int g = 0; g < K / 4; ++g)
+    {
+        for (int o = 0; o < N / 8; ++o)
+        {
+            uint32_t rows[4];
+            for (int i = 0; i < 4; ++i)
+            {
+                std::memcpy(&rows[i], w.data() + (4 * g + i) * rowB + o * 4, 4);
+            }
+            uint32_t v0;
+            uint32_t v1;
+            uint32_t m;
+            allOk = sparse24CompactOctet(rows, v0, v1, m) && allOk;
+            std::memcpy(vals.data() + (2 * g) * rowB + o * 4, &v0, 4);
+            std::memcpy(vals.data() + (2 * g + 1) * rowB + o * 4, &v1, 4);
+            std::memcpy(meta.data() + g * rowB + o * 4, &m, 4);
+        }
+    }
+    check(allOk == (expectOk != 0), "sparse24 validity flag");
+    if (expectOk)
+    {
+        check(vals == wantVals, "sparse24 kept values match quant.py's compaction");
+        check(meta == wantMeta, "sparse24 index nibbles match quant.py's compaction");
+        // Decompress with the decode helpers and compare with the dense codes.
+        int bad = 0;
+        for (int g = 0; g < K / 4; ++g)
+        {
+            for (int n = 0; n < N; ++n)
+            {
+                int32_t i0;
+                int32_t i1;
+                sparse24MetaDecode(static_cast<uint32_t>(int4At(meta.data() + g * rowB, n)) & 0xFu, i0, i1);
+                check(i0 < i1, "sparse24 indices ordered");
+                for (int i = 0; i < 4; ++i)
+                {
+                    int dense = int4At(w.data() + (4 * g + i) * rowB, n);
+                    int rec = i == i0 ? int4At(vals.data() + (2 * g) * rowB, n)
+                                      : (i == i1 ? int4At(vals.data() + (2 * g + 1) * rowB, n) : 0);
+                    bad += dense != rec;
+                }
+            }
+        }
+        check(bad == 0, "sparse24 round trip: " + std::to_string(bad) + " codes differ");
+    }
+    Sparse24Layout const L = sparse24Layout(K, N);
+    check(L.metaOffset >= static_cast<int64_t>(wantVals.size()) && L.flagOffset >= L.metaOffset + static_cast<int64_t>(wantMeta.size())
+            && L.metaOffset % 256 == 0 && L.flagOffset % 256 == 0 && L.totalBytes > L.flagOffset,
+        "sparse24Layout regions are disjoint and aligned");
+}
+
+void testIndex(std::istream& in)
+{
+    int n;
+    in >> n;
+    for (int i = 0; i < n; ++i)
+    {
+        EoraAttrs const a = readAttrs(in);
+        int count;
+        in >> count;
+        InputIndex const ix = inputIndex(a);
+        bool ok = ix.count == count;
+        for (int role = 0; role < kNumRoles; ++role)
+        {
+            int want;
+            in >> want;
+            ok = ok && ix.idx[role] == want;
+            if (want >= 0)
+            {
+                ok = ok && roleOfInput(a, want) == role;
+            }
+        }
+        ok = ok && roleOfInput(a, count) == -1;
+        check(ok, "inputIndex " + attrText(a));
+    }
+}
+
+void testValidate(std::istream& in)
+{
+    int n;
+    in >> n;
+    for (int i = 0; i < n; ++i)
+    {
+        EoraAttrs const a = readAttrs(in);
+        int want;
+        in >> want;
+        char msg[256];
+        bool const ok = validateAttrs(a, msg, sizeof(msg));
+        check(ok == (want != 0), "validateAttrs " + attrText(a) + " -> " + (ok ? "valid" : msg));
+        if (!ok)
+        {
+            check(msg[0] != '\0', "validateAttrs gives a reason " + attrText(a));
+        }
+    }
+}
+
+//! Planner invariants: split ranges tile the extended K exactly, splits fit the semaphore regions, workspace
+//! regions are disjoint, and the max-workspace query bounds every M.
+void testPlan(std::istream& in)
+{
+    int n;
+    in >> n;
+    for (int i = 0; i < n; ++i)
+    {
+        EoraAttrs const a = readAttrs(in);
+        int64_t M;
+        in >> M;
+        for (int32_t algo : {static_cast<int32_t>(kPathAuto), static_cast<int32_t>(kPathGemv),
+                 static_cast<int32_t>(kPathTensorCore)})
+        {
+            ForwardPlan const f = planForward(a, M, algo, kDefaultGemvMaxM, true);
+            std::string const tag = attrText(a) + " M=" + std::to_string(M) + " algo=" + std::to_string(algo);
+            check(f.path == (fastShapesOk(a) ? (algo == kPathAuto ? (M <= kDefaultGemvMaxM ? kPathGemv : kPathTensorCore) : algo)
+                                             : kPathSimple),
+                "path choice " + tag);
+            if (f.path == kPathSimple)
+            {
+                continue;
+            }
+            KernelPlan const* plans[2] = {&f.mainPlan, a.rank > 0 ? &f.tPlan : nullptr};
+            for (KernelPlan const* kp : plans)
+            {
+                if (kp == nullptr)
+                {
+                    continue;
+                }
+                int64_t covered = 0;
+                bool contiguous = true;
+                for (int32_t s = 0; s < kp->splits; ++s)
+                {
+                    int64_t b;
+                    int64_t e;
+                    splitRange(*kp, s, b, e);
+                    contiguous = contiguous && b == covered && e > b;
+                    covered = e;
+                    if (f.path == kPathGemv)
+                    {
+                        contiguous = contiguous && b % kGemvRowAlign == 0;
+                    }
+                }
+                check(contiguous && covered == kp->totalUnits, "split ranges tile K " + tag);
+                check(kp->splits >= 1 && kp->splits <= kMaxSplits, "split count bounded " + tag);
+                check(kp->splits == 1 || static_cast<int64_t>(kp->mTiles) * kp->nTiles <= kSemaphoreRegion,
+                    "split-K tiles fit a semaphore region " + tag);
+                check(static_cast<int64_t>(kp->mTiles) * kp->mTile >= M, "row tiles cover M " + tag);
+            }
+            int64_t const tBytes = a.rank > 0 ? M * a.rank * 2 : 0;
+            bool disjoint = f.workspaceBytes >= tBytes;
+            if (f.tPlan.splits > 1 && a.rank > 0)
+            {
+                disjoint = disjoint && f.tPartialOffset >= tBytes
+                    && f.tPartialOffset + f.tPlan.splits * M * a.rank * 4 <= f.workspaceBytes;
+            }
+            if (f.mainPlan.splits > 1)
+            {
+                disjoint = disjoint && f.mainPartialOffset >= tBytes
+                    && f.mainPartialOffset + f.mainPlan.splits * M * a.outFeatures * 4 <= f.workspaceBytes
+                    && (f.tPlan.splits <= 1 || f.mainPartialOffset >= f.tPartialOffset + f.tPlan.splits * M * a.rank * 4);
+            }
+            check(disjoint, "workspace regions disjoint " + tag);
+        }
+        check(workspaceBytesMax(a, M, kPathAuto, kDefaultGemvMaxM)
+                >= planForward(a, M, kPathAuto, kDefaultGemvMaxM, true).workspaceBytes,
+            "workspaceBytesMax bounds M " + attrText(a));
+    }
+}
+
+} // namespace
+
+int main(int argc, char** argv)
+{
+    if (argc != 2)
+    {
+        std::fprintf(stderr, "usage: %s FIXTURE\n", argv[0]);
+        return 2;
+    }
+    std::ifstream in(argv[1]);
+    if (!in)
+    {
+        std::fprintf(stderr, "cannot open %s\n", argv[1]);
+        return 2;
+    }
+    std::string section;
+    while (in >> section)
+    {
+        if (section == "int4")
+        {
+            testInt4(in);
+        }
+        else if (section == "int8")
+        {
+            testInt8(in);
+        }
+        else if (section == "dequant")
+        {
+            testDequant(in);
+        }
+        else if (section == "sparse")
+        {
+            testSparse(in);
+        }
+        else if (section == "index")
+        {
+            testIndex(in);
+        }
+        else if (section == "validate")
+        {
+            testValidate(in);
+        }
+        else if (section == "plan")
+        {
+            testPlan(in);
+        }
+        else
+        {
+            std::fprintf(stderr, "unknown section '%s'\n", section.c_str());
+            return 2;
+        }
+        if (!in)
+        {
+            std::fprintf(stderr, "fixture ended inside section '%s'\n", section.c_str());
+            return 2;
+        }
+    }
+    std::printf("common: %d passed, %d failed\n", gPassed, gFailed);
+    return gFailed > 100 ? 100 : gFailed;
+}
