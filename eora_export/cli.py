@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"eora-export: error: {e.strerror or e} ({e.filename or 'I/O'}); check the path, permissions and free disk space", file=sys.stderr)
         return 4
-    except Exception as e:  # noqa: BLE001 - the last line of defence: one line, not a traceback
+    except Exception as e:
         if debug:
             raise
         print(f"eora-export: internal error: {type(e).__name__}: {e} (rerun with --debug and report it)", file=sys.stderr)

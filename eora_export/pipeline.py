@@ -130,6 +130,10 @@ class RunResult:
     modules: dict[str, LayerResult]  # the final method's layers
     sweep: dict[str, dict[int, float]]
     model_path: Path
+    compressed: dict  # name -> CompressedLinear, to compensate again with other settings
+    grams: object  # GramStore
+    biases: dict
+    held: torch.Tensor  # held-out windows [n, seq]
 
 
 def run(cfg: RunConfig, progress: bool = True) -> dict:
@@ -168,7 +172,9 @@ def compute(cfg: RunConfig, progress: bool = True) -> RunResult:
     timings["compress_s"] = time.perf_counter() - t
     biases = {n: m.bias for n, m in c_linears.items()}
 
-    methods = ["none"] + ([m for m in ("svd", "eora") if m != cfg.method] if cfg.compare and cfg.method != "none" else []) + ([cfg.method] if cfg.method != "none" else [])
+    methods = ["none"]
+    if cfg.method != "none":
+        methods += [m for m in ("svd", "eora") if m != cfg.method and cfg.compare] + [cfg.method]
     results: dict[str, dict[str, LayerResult]] = {}
     t = time.perf_counter()
     for method in methods:
@@ -213,7 +219,7 @@ def compute(cfg: RunConfig, progress: bool = True) -> RunResult:
         "timings": timings,
     }
     report["table"] = summary_table(report)
-    return RunResult(report, compressed_model, tokenizer, final, sweep, path)
+    return RunResult(report, compressed_model, tokenizer, final, sweep, path, compressed, grams, biases, held)
 
 
 def summary_table(report: dict) -> str:

@@ -79,7 +79,6 @@ def group_scales(w: Tensor, bits: int, group_size: int, clip: Tensor | float = 1
 
 def quantize_with_scales(w: Tensor, scale: Tensor, bits: int, group_size: int) -> Tensor:
     """int8 ``[rows, cols]`` codes of ``w`` for given float16 scales (round half to even)."""
-    rows, cols = w.shape
     s = scale.float().repeat_interleave(group_size, dim=1)
     safe = torch.where(s > 0, s, torch.ones_like(s))
     q = torch.round(w.float() / safe).clamp_(-qmax(bits) - 1, qmax(bits))

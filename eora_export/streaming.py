@@ -691,6 +691,12 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def _on(device: torch.device) -> contextlib.AbstractContextManager:
+    """Make tensor factories default to ``device`` (CUDA); a no-op on the CPU, where the
+    device mode would only add Python overhead to every torch call."""
+    return contextlib.nullcontext() if device.type == "cpu" else torch.device(device)
+
+
 def _sync(device: torch.device) -> Callable[[], None]:
     if device.type == "cuda":
         return torch.cuda.synchronize
@@ -867,7 +873,7 @@ def _process_block(
     # Per-block seed: a resumed run draws the same randomized-SVD sketches as a full one.
     torch.manual_seed(cfg.seed * 1_000_003 + index)
     t = time.perf_counter()
-    with torch.device(device):
+    with _on(device):
         host = BlockHost(ckpt.load_layer(index, device), index, rotary, ckpt.config)
     t = lap("load_s", t)
     linears = block_linears(host, cfg.only, cfg.skip)
@@ -876,7 +882,7 @@ def _process_block(
     next_evals: dict[str, Tensor] = {}
     # `with torch.device` makes the factories inside calibration/EoRA/quant allocate on
     # the chosen device, so the Grams, their roots and SVDs run there without changes.
-    with torch.device(device):
+    with _on(device):
         if linears:
             grams, fp_out, gram_s = gram_forward(
                 host, linears, state.calib, cfg.batch_size, keep_fp_out, act_dtype, sync
@@ -1212,7 +1218,7 @@ def run_streaming(
     else:
         state = None
     embed_s = time.perf_counter() - t
-    with torch.device(device):
+    with _on(device):
         rotary = ckpt.rotary(device)
 
     bar = tqdm(total=ckpt.num_layers, initial=start, desc="blocks", unit="block", disable=not progress)

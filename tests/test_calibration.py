@@ -70,7 +70,7 @@ def test_read_texts_formats_and_errors(tmp_path):
     jl.write_text(json.dumps({"text": "x y"}) + "\n\n" + json.dumps({"text": "z"}) + "\n")
     assert read_texts(jl) == ["x y", "z"]
     (tmp_path / "bad.jsonl").write_text("{not json}\n")
-    with pytest.raises(BadInput, match="bad.jsonl:1"):
+    with pytest.raises(BadInput, match=r"bad\.jsonl:1"):
         read_texts(tmp_path / "bad.jsonl")
     (tmp_path / "bin.txt").write_bytes(b"\x00\x01\x02")
     with pytest.raises(BadInput, match="binary"):

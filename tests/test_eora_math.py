@@ -80,7 +80,7 @@ def test_negative_rounding_eigenvalues_are_not_inverted():
     gram = _gram(_data(8, 32, seed=9))
     gram = gram - torch.eye(32, dtype=torch.float64) * 1e-18  # slightly negative spectrum
     delta = torch.randn(16, 32, generator=torch.Generator().manual_seed(10), dtype=torch.float64)
-    b, a = eora_factors(delta, gram, 4)
+    _, a = eora_factors(delta, gram, 4)
     assert torch.isfinite(a).all() and a.abs().max() < 1e6
 
 

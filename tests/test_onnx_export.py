@@ -157,6 +157,7 @@ def test_demo_model_export(tmp_path):
     ids = torch.randint(0, demo.config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = demo(ids).logits.float().numpy()
-    logits = make_session(export_onnx(demo, tmp_path / "demo.onnx", fused=True)).run(None, {"input_ids": ids.numpy()})[0]
+    session = make_session(export_onnx(demo, tmp_path / "demo.onnx", fused=True))
+    logits = session.run(None, {"input_ids": ids.numpy()})[0]
     np.testing.assert_allclose(logits.astype(np.float32), ref, rtol=0, atol=max(LOGITS_ATOL, 4e-3 * np.abs(ref).max()))
     assert (logits.argmax(-1) == ref.argmax(-1)).mean() > 0.95

@@ -200,7 +200,7 @@ def test_only_broken_layer_is_left_alone():
 
 
 def test_fuse_rejects_non_model():
-    with pytest.raises(ValueError, match="expected an onnx.ModelProto"):
+    with pytest.raises(ValueError, match=r"expected an onnx\.ModelProto"):
         fuse(b"not a model")
 
 

@@ -24,7 +24,7 @@ def tiny_run(tiny_model_dir, tmp_path_factory):
 
 
 def test_outputs_are_complete(tiny_run):
-    cfg, result = tiny_run
+    cfg, _ = tiny_run
     out = cfg.out
     for name in ("report.json", "per_layer_error.png", "ppl_vs_rank.png", "adapter/adapter_config.json",
                  "adapter/adapter_model.safetensors", "base/model.safetensors", "base/config.json",

@@ -65,7 +65,6 @@ def fuse(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FuseReport]:
     report = FuseReport()
     matches: list[Match] = []
     claimed: set[int] = set()
-    rejected: set[int] = set()
     for node in graph.node:
         if id(node) in claimed or not is_main_candidate(index, node):
             continue
@@ -73,12 +72,11 @@ def fuse(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FuseReport]:
             m = infer(index, node)
         except NoMatch as e:
             report.unmatched.append((node.name or node.output[0], str(e)))
-            rejected.add(id(node))
             continue
         if m is not None and not any(id(n) in claimed for n in m.nodes):
             matches.append(m)
             claimed.update(id(n) for n in m.nodes)
-    matches = _drop_beside_orphan_chains(index, matches, claimed, rejected, report)
+    matches = _drop_beside_orphan_chains(index, matches, claimed, report)
 
     # Rebuild the node list: each match's nodes become one node at its last node's place.
     last_of = {id(m.nodes[-1]): m for m in matches}
@@ -103,7 +101,7 @@ def fuse(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FuseReport]:
 
 
 def _drop_beside_orphan_chains(index: GraphIndex, matches: list[Match], claimed: set[int],
-                               rejected: set[int], report: FuseReport) -> list[Match]:
+                               report: FuseReport) -> list[Match]:
     """Reject rank-0 matches that a broken low-rank path on the same input may belong to.
 
     A chain MatMul(MatMul(x, A), B) that no exact match claimed means some pattern on x was

@@ -1,0 +1,1 @@
+"""TensorRT side: engine build, the EoraLinear plugin library, Triton repository."""

@@ -1,0 +1,322 @@
+"""CPU tests of the EoraLinear TensorRT plugin (trt_plugins/): no GPU, no libnvinfer.
+
+Two C++ programs do the checking, driven from here:
+
+- ``eoraLinearCommonTest.cpp`` compiles ``eoraLinearCommon.h`` with g++ alone and checks its INT4
+  unpacking, scale indexing, 2:4 compaction, input order, attribute validation and launch planning
+  against fixtures written from ``eora_export.quant`` and ``eora_export.onnx.spec``;
+- ``eoraPluginHarness.cpp`` is compiled against TensorRT's headers and linked with
+  ``libeora_plugin.so``; it plays TensorRT's build/runtime calls (getCreators, createPlugin,
+  getOutputShapes with its own IExprBuilder, supportsFormatCombination, configurePlugin,
+  getWorkspaceSize, serialize + re-create, clone, attachToContext) and bad attributes.
+
+The library build (nvcc, two architectures) goes to ``build/trt_plugins`` so later runs are
+incremental; set EORA_TEST_CUDA_ARCHS (e.g. "80") to build fewer architectures.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import itertools
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from eora_export.onnx import spec
+from eora_export.quant import dequantize, pack_int4, quantize
+from eora_export.trt import plugin as tp
+
+REPO = Path(__file__).resolve().parents[1]
+PLUGIN_DIR = REPO / "trt_plugins" / "eora_linear"
+TEST_DIR = REPO / "trt_plugins" / "tests"
+ATTR_ORDER = ("in_features", "out_features", "rank", "weight_bits", "group_size", "lowrank_bits",
+              "lowrank_group_size", "sparse24", "has_bias")
+
+
+# --------------------------------------------------------------------------- builds
+
+
+@pytest.fixture(scope="session")
+def common_test_bin(tmp_path_factory) -> Path:
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("g++ not found: the eoraLinearCommon.h unit test needs a C++17 host compiler")
+    out = tmp_path_factory.mktemp("common") / "eora_common_test"
+    cmd = [cxx, "-std=c++17", "-O1", "-Wall", "-Wextra", "-Werror", f"-I{PLUGIN_DIR}",
+           str(TEST_DIR / "eoraLinearCommonTest.cpp"), "-o", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="session")
+def plugin_build() -> Path:
+    if shutil.which("cmake") is None:
+        pytest.skip("cmake not found: building libeora_plugin.so needs cmake >= 3.24")
+    if tp._find_nvcc() is None:
+        pytest.skip("nvcc not found: building libeora_plugin.so needs the CUDA toolkit")
+    lib = tp.build_plugin(cuda_archs=os.environ.get("EORA_TEST_CUDA_ARCHS") or None)
+    return lib.parent
+
+
+def run_common(binary: Path, tmp_path: Path, text: str) -> str:
+    fixture = tmp_path / "fixture.txt"
+    fixture.write_text(text)
+    proc = subprocess.run([str(binary), str(fixture)], capture_output=True, text=True)
+    out = proc.stdout + proc.stderr
+    m = re.search(r"common: (\d+) passed, (\d+) failed", out)
+    assert m is not None, out[-3000:]
+    assert proc.returncode == 0 and int(m.group(2)) == 0, out[-3000:]
+    return out
+
+
+def ints(t: torch.Tensor) -> str:
+    return " ".join(str(int(v)) for v in t.flatten().tolist())
+
+
+def half_bits(t: torch.Tensor) -> str:
+    return ints(t.to(torch.float16).contiguous().view(torch.int16).to(torch.int32) & 0xFFFF)
+
+
+def attr_line(a: dict) -> str:
+    return " ".join(str(int(a[k])) for k in ATTR_ORDER)
+
+
+# --------------------------------------------------------------------------- eoraLinearCommon.h
+
+
+def test_int4_unpack_matches_pack_int4(common_test_bin, tmp_path):
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(-8, 8, (6, 48), generator=g, dtype=torch.int8)
+    codes[0, :16] = torch.arange(-8, 8, dtype=torch.int8)  # every code at least once
+    packed = pack_int4(codes)
+    out = run_common(common_test_bin, tmp_path, f"int4 6 48\n{ints(codes)}\n{ints(packed)}\n")
+    assert int(re.search(r"common: (\d+) passed", out).group(1)) >= 6 * 48 * 2
+
+
+def test_int8_magic_decode_covers_every_code(common_test_bin, tmp_path):
+    codes = torch.arange(-128, 128, dtype=torch.int32)
+    run_common(common_test_bin, tmp_path, f"int8 256\n{ints(codes)}\n")
+
+
+@pytest.mark.parametrize("bits,group", [(4, 16), (3, 32), (8, 8), (4, 2)])
+def test_scale_index_reproduces_quant_dequantize(common_test_bin, tmp_path, bits, group):
+    """fp16(q * scale[k // group, n]) in the [K, N] layout equals quant.dequantize, bit for bit."""
+    g = torch.Generator().manual_seed(bits * 100 + group)
+    out_f, in_f = 24, 64
+    w = torch.randn(out_f, in_f, generator=g) * torch.logspace(-6, 1, out_f).unsqueeze(1)  # tiny scales too
+    qm = quantize(w, bits, group)
+    codes = qm.q.T.contiguous()           # plugin layout [K, N]
+    scales = qm.scale.T.contiguous()      # [K / group, N]
+    expect = dequantize(qm.q, qm.scale, group).T.contiguous()
+    text = f"dequant {in_f} {out_f} {group}\n{ints(codes)}\n{half_bits(scales)}\n{half_bits(expect)}\n"
+    run_common(common_test_bin, tmp_path, text)
+
+
+def _make_24(k: int, n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(-8, 8, (k, n), generator=g, dtype=torch.int8)
+    codes[codes == 0] = 3
+    for grp in range(k // 4):
+        for col in range(n):
+            keep = torch.randperm(4, generator=g)[: int(torch.randint(0, 3, (1,), generator=g))]
+            mask = torch.ones(4, dtype=torch.bool)
+            mask[keep] = False
+            codes[4 * grp: 4 * grp + 4, col][mask] = 0
+    return codes
+
+
+def _expected_compaction(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kept codes [K/2, N] and index nibbles [K/4, N], computed independently of the C++ helper."""
+    k, n = codes.shape
+    vals = torch.zeros(k // 2, n, dtype=torch.int8)
+    meta = torch.zeros(k // 4, n, dtype=torch.int8)
+    for grp in range(k // 4):
+        for col in range(n):
+            q = codes[4 * grp: 4 * grp + 4, col].tolist()
+            kept = [i for i in range(4) if q[i] != 0]
+            kept += [i for i in range(4) if q[i] == 0][: 2 - len(kept)]
+            i0, i1 = sorted(kept)
+            vals[2 * grp, col], vals[2 * grp + 1, col] = q[i0], q[i1]
+            nib = i0 | (i1 << 2)
+            meta[grp, col] = nib - 16 if nib > 7 else nib  # as a signed nibble, for pack_int4
+    return vals, meta
+
+
+def test_sparse24_compaction_matches_python(common_test_bin, tmp_path):
+    k, n = 32, 24
+    codes = _make_24(k, n, 7)
+    vals, meta = _expected_compaction(codes)
+    text = f"sparse {k} {n}\n{ints(pack_int4(codes))}\n1\n{ints(pack_int4(vals))}\n{ints(pack_int4(meta))}\n"
+    run_common(common_test_bin, tmp_path, text)
+
+
+def test_sparse24_flags_a_dense_group(common_test_bin, tmp_path):
+    k, n = 8, 8
+    codes = _make_24(k, n, 3)
+    codes[4:8, 5] = torch.tensor([1, 2, 3, 0], dtype=torch.int8)  # 3 non-zeros: not 2:4
+    zeros = " ".join(["0"] * (k // 2 * n // 2 + k // 4 * n // 2))
+    run_common(common_test_bin, tmp_path, f"sparse {k} {n}\n{ints(pack_int4(codes))}\n0\n{zeros}\n")
+
+
+def _attr_grid() -> list[dict]:
+    grid = []
+    for rank, wb, lb, bias in itertools.product((0, 16), (3, 4, 16), (4, 8, 16), (0, 1)):
+        grid.append({"in_features": 64, "out_features": 32, "rank": rank, "weight_bits": wb,
+                     "group_size": 0 if wb == 16 else 16, "lowrank_bits": lb,
+                     "lowrank_group_size": 0 if (rank == 0 or lb == 16) else 8, "sparse24": 0, "has_bias": bias})
+    return grid
+
+
+def test_input_index_matches_spec_input_names(common_test_bin, tmp_path):
+    grid = _attr_grid()
+    lines = [f"index {len(grid)}"]
+    for a in grid:
+        names = spec.input_names(a)
+        idx = [names.index(r) if r in names else -1 for r in spec.ALL_INPUTS]
+        lines.append(f"{attr_line(a)} {len(names)} {' '.join(map(str, idx))}")
+    run_common(common_test_bin, tmp_path, "\n".join(lines) + "\n")
+
+
+def test_validate_attrs_agrees_with_spec_validate(common_test_bin, tmp_path):
+    rnd = random.Random(11)
+    cases = list(_attr_grid())
+    choices = {
+        "in_features": (0, 64, 96, 100), "out_features": (0, 31, 32, 48), "rank": (-1, 0, 3, 8, 16),
+        "weight_bits": (2, 3, 4, 8, 16), "group_size": (-2, 0, 3, 16, 32, 64), "lowrank_bits": (2, 4, 8, 16),
+        "lowrank_group_size": (0, 3, 4, 8, 16), "sparse24": (0, 1, 2), "has_bias": (0, 1, 2),
+    }
+    for _ in range(400):
+        cases.append({k: rnd.choice(v) for k, v in choices.items()})
+    lines = [f"validate {len(cases)}"]
+    n_valid = 0
+    for a in cases:
+        try:
+            spec.validate_attrs(a)
+            ok = 1
+        except ValueError:
+            ok = 0
+        n_valid += ok
+        lines.append(f"{attr_line(a)} {ok}")
+    assert 20 < n_valid < len(cases) - 50  # both outcomes well represented
+    run_common(common_test_bin, tmp_path, "\n".join(lines) + "\n")
+
+
+def test_launch_plan_invariants(common_test_bin, tmp_path):
+    shapes = [(4096, 4096, 128), (4096, 11008, 128), (11008, 4096, 128), (4096, 4096, 0), (256, 384, 16),
+              (64, 40, 8), (66, 64, 16)]
+    ms = (1, 2, 3, 8, 9, 16, 33, 64, 65, 128, 256, 1000)
+    lines = []
+    for k, n, r in shapes:
+        a = {"in_features": k, "out_features": n, "rank": r, "weight_bits": 4, "group_size": 2 if k == 66 else 64,
+             "lowrank_bits": 4 if r else 16, "lowrank_group_size": 8 if r else 0, "sparse24": 0, "has_bias": 1}
+        lines += [f"{attr_line(a)} {m}" for m in ms]
+    run_common(common_test_bin, tmp_path, f"plan {len(lines)}\n" + "\n".join(lines) + "\n")
+
+
+# --------------------------------------------------------------------------- the library and the plugin
+
+
+def test_library_loads_without_tensorrt(plugin_build):
+    """A fresh interpreter with no TensorRT dlopens the .so and sees the C and plugin entry points."""
+    lib = plugin_build / tp.LIB_NAME
+    code = (
+        "import ctypes, sys\n"
+        f"lib = ctypes.CDLL({str(lib)!r})\n"
+        "names = ['getCreators', 'setLoggerFinder', 'eoraLinearForward', 'eoraLinearWorkspaceSize',"
+        " 'eoraSparse24Compact', 'eoraRegisterPlugins']\n"
+        "missing = [n for n in names if not hasattr(lib, n)]\n"
+        "lib.eoraRegisterPlugins.restype = ctypes.c_int\n"
+        "print('missing', missing, 'registered', lib.eoraRegisterPlugins(),"
+        " 'tensorrt' in sys.modules)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    # No TensorRT runtime in the process: nothing to register with, and nothing was pulled in.
+    assert proc.stdout.strip() == "missing [] registered 0 False", proc.stdout
+    nm = shutil.which("nm")
+    if nm is not None:
+        undefined = subprocess.run([nm, "-D", "--undefined-only", str(lib)], capture_output=True, text=True).stdout
+        assert "getPluginRegistry" not in undefined and "nvinfer" not in undefined.lower()
+        defined = subprocess.run([nm, "-D", "--defined-only", str(lib)], capture_output=True, text=True).stdout
+        exported = {line.split()[-1] for line in defined.splitlines() if " T " in line}
+        assert {"getCreators", "setLoggerFinder", "eoraLinearForward"} <= exported
+        assert not any("eora4" in s or "tcKernel" in s for s in exported)  # internals stay hidden
+
+
+def test_plugin_harness(plugin_build):
+    harness = plugin_build / "eora_plugin_harness"
+    assert harness.is_file(), f"{harness} was not built"
+    proc = subprocess.run([str(harness)], capture_output=True, text=True, timeout=120)
+    out = proc.stdout
+    fails = [line for line in out.splitlines() if line.startswith("FAIL")]
+    assert not fails, "\n".join(fails) + "\n" + proc.stderr[-2000:]
+    m = re.search(r"harness: (\d+) passed, (\d+) failed", out)
+    assert m and int(m.group(2)) == 0 and proc.returncode == 0, out[-3000:]
+    assert int(m.group(1)) >= 80, out  # four attribute sets walked plus the refusals
+
+    # The creator's fields are the spec's attributes, in the spec's order and types.
+    fields = [line.split() for line in out.splitlines() if line.startswith("FIELD ")]
+    types = spec.attribute_types()
+    assert [f[1] for f in fields] == list(types)
+    kinds = {"int": "5", "string": "6"}  # PluginFieldType::kINT32, kCHAR
+    assert all(f[2] == kinds[types[f[1]]] for f in fields), fields
+    for what in ("getOutputShapes [batch,16,in] -> [batch,16,out]", "refuses an unknown field",
+                 "refuses plugin_version 2", "re-create from serialized fields",
+                 "runtime errors go to the context's error recorder"):
+        assert f"ok {what}" in out, what
+
+
+def test_ctypes_entry_points_without_gpu(plugin_build):
+    """Path choice, workspace and argument errors need no GPU: check them through the Python wrapper."""
+    lib = tp.load_plugin(plugin_build / tp.LIB_NAME)
+    assert lib.eoraLinearParamsSize() == ctypes.sizeof(tp.EoraLinearParams)
+    attrs = {"in_features": 4096, "out_features": 4096, "rank": 128, "weight_bits": 4, "group_size": 128,
+             "lowrank_bits": 4, "lowrank_group_size": 64, "sparse24": 0, "has_bias": 0}
+    assert [tp.select_path(attrs, m) for m in (1, 8, 9, 256)] == ["gemv", "gemv", "tensor_core", "tensor_core"]
+    assert tp.select_path(attrs, 16, gemv_max_m=16) == "gemv"
+    assert tp.select_path(attrs, 4, algo=3) == "simple"
+    assert tp.select_path({**attrs, "out_features": 4098}, 1) == "simple"  # not a multiple of 8
+    p = tp._params(lib, attrs, 64, 0, 0)
+    ws = lib.eoraLinearWorkspaceSize(ctypes.byref(p))
+    assert ws >= 64 * 128 * 2  # at least t = x.A in fp16
+    assert lib.eoraLinearWorkspaceSizeMax(ctypes.byref(p), 256) >= ws
+    # M = 0 is a no-op that touches no device.
+    p.M = 0
+    assert lib.eoraLinearForward(ctypes.byref(p), None) == 0
+    # Invalid attributes and missing pointers come back as an error code with a reason.
+    bad = tp._params(lib, {**attrs, "group_size": 100}, 4, 0, 0)
+    assert lib.eoraLinearForward(ctypes.byref(bad), None) == 1
+    assert "group_size" in tp.last_error(lib)
+    nulls = tp._params(lib, attrs, 4, 0, 0)
+    assert lib.eoraLinearForward(ctypes.byref(nulls), None) == 1
+    assert "non-NULL" in tp.last_error(lib)
+    assert lib.eoraSparse24Bytes(4096, 4096) > 4096 * 4096 * 3 // 8
+    assert lib.eoraSparse24Bytes(4094, 4096) == 0
+
+
+def test_build_plugin_names_a_missing_tool(monkeypatch):
+    monkeypatch.setattr(tp.shutil, "which", lambda name: None)
+    with pytest.raises(tp.PluginError, match="cmake not found"):
+        tp.build_plugin()
+    monkeypatch.setattr(tp.shutil, "which", lambda name: "/usr/bin/cmake" if name == "cmake" else None)
+    monkeypatch.setattr(tp, "_find_nvcc", lambda: None)
+    with pytest.raises(tp.PluginError, match="nvcc not found"):
+        tp.build_plugin()
+
+
+def test_find_library_honours_env(monkeypatch, tmp_path):
+    fake = tmp_path / "libeora_plugin.so"
+    fake.write_bytes(b"")
+    monkeypatch.setenv("EORA_PLUGIN_LIB", str(fake))
+    assert tp.find_library() == fake
+    monkeypatch.setenv("EORA_PLUGIN_LIB", str(tmp_path / "missing.so"))
+    with pytest.raises(tp.PluginError, match="EORA_PLUGIN_LIB"):
+        tp.find_library()

@@ -1,0 +1,115 @@
+"""verify.py: Polygraphy runs, saved RunResults, and the comparison figures."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from onnx_helpers import compress_llama, tiny_llama
+
+from eora_export.onnx.export import export_baseline_onnx, export_onnx
+from eora_export.onnx.runtime import make_session
+from eora_export.verify import compare_models, nll, polygraphy_command, token_windows
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    d = tmp_path_factory.mktemp("verify")
+    base = export_baseline_onnx(tiny_llama(seed=0), d / "baseline.onnx")
+    none = export_onnx(compress_llama(tiny_llama(seed=0), rank=0), d / "none.onnx")
+    eora = export_onnx(compress_llama(tiny_llama(seed=0), rank=32, lowrank_bits=8), d / "eora.onnx", fused=True)
+    return d, base, none, eora
+
+
+@pytest.fixture(scope="module")
+def windows():
+    tokens = np.random.RandomState(0).randint(0, 512, size=100)
+    return token_windows(tokens, 16, max_windows=3)
+
+
+@pytest.fixture(scope="module")
+def report(exported, windows):
+    d, base, none, eora = exported
+    return compare_models(base, {"same": base, "none": none, "eora": eora}, windows, d / "out")
+
+
+def test_token_windows():
+    w = token_windows(range(50), 16)
+    assert w.shape == (3, 16) and w.dtype == np.int64 and w[1, 0] == 16
+    with pytest.raises(ValueError, match="seq_len"):
+        token_windows(range(5), 16)
+
+
+def test_nll_matches_torch_cross_entropy():
+    logits = np.random.RandomState(1).standard_normal((10, 7)).astype(np.float32)
+    tokens = np.random.RandomState(2).randint(0, 7, 10)
+    total, n = nll(logits, tokens)
+    want = torch.nn.functional.cross_entropy(torch.from_numpy(logits[:-1]).double(),
+                                             torch.from_numpy(tokens[1:]), reduction="sum")
+    assert n == 9 and total == pytest.approx(float(want), rel=1e-12)
+
+
+def test_identical_model_agrees_exactly(report):
+    same = report.models[0]
+    assert same.name == "same"
+    assert same.max_abs_dlogits == 0.0 and same.top1_agreement == 1.0
+    assert same.perplexity == pytest.approx(report.baseline.perplexity, rel=1e-12)
+
+
+def test_compressed_models_differ_and_figures_are_sane(report):
+    assert [m.name for m in report.models] == ["same", "none", "eora"]
+    for m in report.models[1:]:
+        assert 0 < m.max_abs_dlogits < 10 and 0 < m.mean_abs_dlogits <= m.max_abs_dlogits
+        assert 0.0 <= m.top1_agreement <= 1.0
+        assert np.isfinite(m.perplexity) and m.perplexity > 1
+    # a random model over a 512-token vocabulary is near-uniform
+    assert 300 < report.baseline.perplexity < 800
+    assert report.baseline.max_abs_dlogits is None
+    assert "eora" in report.table()
+
+
+def test_saved_results_load_in_polygraphy(report, exported, windows):
+    from polygraphy.comparator import RunResults
+    from polygraphy.json import load_json
+
+    d, _, _, eora = exported
+    results = RunResults.load(report.models[2].outputs_json)
+    (name, iterations), = results.items()
+    assert name == "onnxrt-eora" and len(iterations) == len(windows)
+    direct = make_session(eora).run(None, {"input_ids": windows[1:2]})[0]
+    np.testing.assert_array_equal(np.asarray(iterations[1]["logits"]), direct)
+    feeds = load_json(report.inputs_json)
+    np.testing.assert_array_equal(feeds[2]["input_ids"], windows[2:3])
+    stored = json.loads((d / "out" / "verify.json").read_text())
+    assert stored["models"][2]["top1_agreement"] == report.models[2].top1_agreement
+
+
+def test_polygraphy_command_line():
+    cmd = polygraphy_command("fused.onnx", "/opt/libeora_plugin.so", seq_len=16)
+    assert cmd.startswith("polygraphy run fused.onnx --trt --strongly-typed --plugins /opt/libeora_plugin.so")
+    for part in ("--load-inputs inputs.json", "--load-outputs baseline_outputs.json", "input_ids:[1,16]"):
+        assert part in cmd
+
+
+def _polygraphy_cli() -> str | None:
+    """The polygraphy script of this interpreter's environment, else the one on PATH."""
+    beside = Path(sys.executable).parent / "polygraphy"
+    return str(beside) if beside.exists() else shutil.which("polygraphy")
+
+
+@pytest.mark.skipif(_polygraphy_cli() is None, reason="polygraphy CLI not installed")
+def test_polygraphy_cli_replays_saved_outputs(report, exported):
+    """The saved files work with the real CLI (onnxrt here; --trt on a GPU machine)."""
+    _, base, _, _ = exported
+    cmd = [_polygraphy_cli(), "run", str(base), "--onnxrt",
+           "--load-inputs", report.inputs_json, "--load-outputs", report.baseline.outputs_json,
+           "--atol", "1e-3", "--rtol", "0"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "PASSED" in done.stdout + done.stderr

@@ -1,0 +1,232 @@
+"""Benchmark the EoraLinear kernels on Llama-2-7B linear shapes, side by side with cuBLAS.
+
+Columns, for each (K x N) shape and batch M:
+  cublas_fp16   torch.matmul(x, W) with an fp16 W (the dense baseline)
+  int4          our kernel, INT4 weight alone (rank 0): the floor the residual is paid on top of
+  unfused       our rank-0 kernel + two torch matmuls for the factors (how a graph without the
+                fused node runs the residual)
+  fused         our kernel, INT4 weight + rank-r INT4 factors in one extended-K pass
+  sparse24      our kernel, 2:4-sparse INT4 weight (compacted) + the same fused factors
+
+Each column reports microseconds per call, achieved GB/s (bytes the call must read: weights,
+scales, factors, activations, output) and the share of the HBM peak (--peak-gbps). Weights are
+rotated over enough copies (at least 8) that the working set exceeds the 50 MB L2 several times,
+so small matrices are not flattered by cache hits; timing uses CUDA events after a warm-up.
+
+    python tools/bench_kernels.py                      # table + bench_kernels.{json,png} in --out
+    python tools/bench_kernels.py --ms 1 16 256 --shapes 4096x4096
+
+Needs a CUDA GPU and the plugin library (built on demand with eora_export.trt.plugin.build_plugin).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096))  # (K = in_features, N = out_features)
+MS = (1, 2, 4, 8, 9, 16, 32, 64, 128, 256)
+METHODS = ("cublas_fp16", "int4", "unfused", "fused", "sparse24")
+L2_BYTES = 50 * 1024 * 1024
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shapes", nargs="+", default=[f"{k}x{n}" for k, n in SHAPES], help="KxN shapes")
+    p.add_argument("--ms", nargs="+", type=int, default=list(MS), help="batch sizes M")
+    p.add_argument("--rank", type=int, default=128)
+    p.add_argument("--group", type=int, default=128, help="weight group size along K")
+    p.add_argument("--lowrank-group", type=int, default=64, help="factor group size")
+    p.add_argument("--peak-gbps", type=float, default=3350.0, help="HBM peak for the %%-of-peak column")
+    p.add_argument("--min-copies", type=int, default=8, help="weight copies rotated (more if L2 needs it)")
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--iters", type=int, default=200)
+    p.add_argument("--out", type=Path, default=Path("bench-out"), help="folder for the JSON and PNG")
+    return p.parse_args(argv)
+
+
+def copies_for(bytes_per_copy: int, minimum: int) -> int:
+    """Enough copies that one rotation reads at least 4x the L2."""
+    return max(minimum, math.ceil(4 * L2_BYTES / max(bytes_per_copy, 1)))
+
+
+def random_24_codes(torch: Any, k: int, n: int, device: str) -> Any:
+    """INT4 codes [K, N] with at most 2 non-zeros in every 4 consecutive k of a column."""
+    codes = torch.randint(-8, 8, (k // 4, 4, n), dtype=torch.int8, device=device)
+    order = torch.rand(k // 4, 4, n, device=device).argsort(dim=1)
+    codes[order >= 2] = 0  # ranks 2 and 3 of a random order: exactly two zeros per group
+    return codes.reshape(k, n)
+
+
+class Case:
+    """The tensors of one shape in plugin layout, n_copies times, plus fp16 copies for cuBLAS."""
+
+    def __init__(self, torch: Any, tp: Any, k: int, n: int, args: argparse.Namespace) -> None:
+        from eora_export.quant import pack_int4
+
+        dev = "cuda"
+        r, g, lg = args.rank, args.group, args.lowrank_group
+        self.k, self.n, self.r = k, n, r
+        self.attrs0 = {"in_features": k, "out_features": n, "rank": 0, "weight_bits": 4, "group_size": g,
+                       "lowrank_bits": 16, "lowrank_group_size": 0, "sparse24": 0, "has_bias": 0}
+        self.attrs = {**self.attrs0, "rank": r, "lowrank_bits": 4, "lowrank_group_size": lg}
+        self.attrs24 = {**self.attrs, "sparse24": 1}
+
+        def scales(rows: int, cols: int) -> Any:
+            return (torch.rand(rows, cols, device=dev) * 0.01 + 1e-3).half()
+
+        def int4(rows: int, cols: int, codes: Any = None) -> Any:
+            c = codes if codes is not None else torch.randint(-8, 8, (rows, cols), dtype=torch.int8, device=dev)
+            return pack_int4(c).view(torch.int8)
+
+        w_int4 = k * n // 2 + (k // g) * n * 2
+        factors = (k * r // 2 + (k // lg) * r * 2) + (r * n // 2 + (r // lg) * n * 2)
+        self.bytes = {
+            "cublas_fp16": k * n * 2,
+            "int4": w_int4,
+            "unfused": w_int4 + (k * r + r * n) * 2,
+            "fused": w_int4 + factors,
+            "sparse24": (k // 2) * (n // 2) + (k // 4) * (n // 2) + (k // g) * n * 2 + factors,
+        }
+        self.w16 = [torch.randn(k, n, device=dev).half() * 0.02 for _ in range(copies_for(k * n * 2, args.min_copies))]
+        self.q = []
+        for _ in range(copies_for(w_int4 + factors, args.min_copies)):
+            t = {"w": int4(k, n), "w_scale": scales(k // g, n), "a": int4(k, r), "a_scale": scales(k // lg, r),
+                 "b": int4(r, n), "b_scale": scales(r // lg, n)}
+            t["a16"] = torch.randn(k, r, device=dev).half() * 0.02  # dequantized factors for the unfused path
+            t["b16"] = torch.randn(r, n, device=dev).half() * 0.02
+            self.q.append(t)
+        self.sp = []
+        for _ in range(copies_for(self.bytes["sparse24"], args.min_copies)):
+            t = {"w": int4(k, n, random_24_codes(torch, k, n, dev)), "w_scale": scales(k // g, n),
+                 "a": int4(k, r), "a_scale": scales(k // lg, r), "b": int4(r, n), "b_scale": scales(r // lg, n)}
+            t["sparse"] = tp.prepare_sparse24(t["w"], self.attrs24)
+            self.sp.append(t)
+
+
+def time_calls(torch: Any, fn: Any, n_copies: int, warmup: int, iters: int) -> float:
+    """Microseconds per call, fn(i) using copy i % n_copies."""
+    for i in range(warmup):
+        fn(i % n_copies)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for i in range(iters):
+        fn(i % n_copies)
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1000.0 / iters
+
+
+def bench_shape(torch: Any, tp: Any, case: Case, m: int, args: argparse.Namespace) -> dict[str, Any]:
+    x = torch.randn(m, case.k, device="cuda").half()
+    act = m * case.k * 2 + m * case.n * 2  # x read, y written
+    y = torch.empty(m, case.n, device="cuda", dtype=torch.float16)
+
+    def cublas(i: int) -> None:
+        torch.matmul(x, case.w16[i], out=y)
+
+    def int4(i: int) -> None:
+        tp.eora_linear_cuda(x, case.q[i], case.attrs0, out=y)
+
+    def unfused(i: int) -> None:
+        t = case.q[i]
+        tp.eora_linear_cuda(x, t, case.attrs0, out=y)
+        y.add_(torch.matmul(torch.matmul(x, t["a16"]), t["b16"]))
+
+    def fused(i: int) -> None:
+        tp.eora_linear_cuda(x, case.q[i], case.attrs, out=y)
+
+    def sparse(i: int) -> None:
+        t = case.sp[i]
+        tp.eora_linear_cuda(x, t, case.attrs24, sparse=t["sparse"], out=y)
+
+    fns = {"cublas_fp16": (cublas, len(case.w16)), "int4": (int4, len(case.q)), "unfused": (unfused, len(case.q)),
+           "fused": (fused, len(case.q)), "sparse24": (sparse, len(case.sp))}
+    row: dict[str, Any] = {"K": case.k, "N": case.n, "M": m, "rank": case.r,
+                           "path": tp.select_path(case.attrs, m)}
+    for name in METHODS:
+        fn, copies = fns[name]
+        us = time_calls(torch, fn, copies, args.warmup, args.iters)
+        nbytes = case.bytes[name] + act
+        if name == "sparse24" and row["path"] != "gemv":
+            nbytes = case.bytes["fused"] + act  # past the GEMV the dense tensor-core path reads dense w
+        gbps = nbytes / (us * 1e-6) / 1e9
+        row[name] = {"us": us, "bytes": nbytes, "gbps": gbps, "pct_peak": 100.0 * gbps / args.peak_gbps}
+    return row
+
+
+def print_header() -> None:
+    print(f"{'K x N':>12} {'M':>5} {'path':>11} " + " ".join(f"{m:>22}" for m in METHODS))
+    print(" " * 30 + " ".join(f"{'us    GB/s  %peak':>22}" for _ in METHODS))
+
+
+def print_row(r: dict[str, Any]) -> None:
+    cells = " ".join(f"{r[m]['us']:8.2f} {r[m]['gbps']:6.0f} {r[m]['pct_peak']:5.1f}%" for m in METHODS)
+    print(f"{str(r['K']) + 'x' + str(r['N']):>12} {r['M']:>5} {r['path']:>11} {cells}", flush=True)
+
+
+def plot(rows: list[dict[str, Any]], path: Path, peak: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = sorted({(r["K"], r["N"]) for r in rows}, key=lambda s: (s[0], s[1]))
+    fig, axes = plt.subplots(1, len(shapes), figsize=(6 * len(shapes), 4.5), squeeze=False)
+    for ax, (k, n) in zip(axes[0], shapes, strict=True):
+        sel = [r for r in rows if (r["K"], r["N"]) == (k, n)]
+        ms = [r["M"] for r in sel]
+        for m in METHODS:
+            ax.plot(ms, [r[m]["us"] for r in sel], marker="o", label=m)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("batch M")
+        ax.set_ylabel("µs per call")
+        ax.set_title(f"{k} x {n}, rank {sel[0]['rank']} (peak {peak:.0f} GB/s)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    if not torch.cuda.is_available():
+        print("bench_kernels: no CUDA GPU (torch.cuda.is_available() is False); run it on a GPU machine",
+              file=sys.stderr)
+        return 1
+    from eora_export.trt import plugin as tp
+
+    if tp.find_library() is None:
+        print("bench_kernels: building the plugin library (first run)...", file=sys.stderr)
+        tp.build_plugin()
+    tp.load_plugin()
+    rows = []
+    print_header()
+    for spec in args.shapes:
+        k, n = (int(v) for v in spec.lower().split("x"))
+        case = Case(torch, tp, k, n, args)
+        for m in args.ms:
+            rows.append(bench_shape(torch, tp, case, m, args))
+            print_row(rows[-1])
+        del case
+        torch.cuda.empty_cache()
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta = {"device": torch.cuda.get_device_name(), "peak_gbps": args.peak_gbps, "rank": args.rank,
+            "group": args.group, "lowrank_group": args.lowrank_group, "iters": args.iters, "warmup": args.warmup}
+    (args.out / "bench_kernels.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    plot(rows, args.out / "bench_kernels.png", args.peak_gbps)
+    print(f"wrote {args.out / 'bench_kernels.json'} and {args.out / 'bench_kernels.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
