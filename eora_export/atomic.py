@@ -14,6 +14,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def default_mode(directory: bool = False) -> int:
+    """What open()/mkdir() would give under the current umask (mkstemp/mkdtemp use 0600/0700)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return (0o777 if directory else 0o666) & ~mask
+
+
 def _tmp_sibling(path: Path, suffix: str = "") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
@@ -28,6 +35,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     tmp = _tmp_sibling(path, path.suffix)
     try:
         yield tmp
+        os.chmod(tmp, default_mode())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -45,6 +53,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     old = None
     try:
         yield tmp
+        os.chmod(tmp, default_mode(directory=True))
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
             os.replace(path, old / "previous")

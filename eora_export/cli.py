@@ -28,58 +28,113 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see eora-export --help)")
 
 
+FORMATS = ("dir", "onnx", "plan", "triton", "trtllm")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="eora-export",
         description="Compress an LLM (INT4 / 2:4 / both), compensate the error with EoRA low-rank "
-        "factors, and write deployable outputs.",
+        "factors, and write deployable outputs. Subcommands: compare, inspect, build-plugin "
+        "(eora-export SUBCOMMAND --help).",
     )
     p.add_argument("--version", action="version", version=f"eora-export {__version__}")
-    p.add_argument("--model", default="demo", help="'demo', a local Hugging Face folder, or an alias such as llama2-7b (looked up in the local HF cache)")
-    p.add_argument("--out", type=Path, default=Path("eora-out"), help="output folder (default: eora-out)")
+    p.add_argument("--model", default="demo",
+                   help="'demo', a local Hugging Face folder, or an alias such as llama2-7b (looked up in the local HF cache)")
+    p.add_argument("--out", type=Path, default=Path("eora-out"),
+                   help="output: a folder, X.onnx, or X.plan (default: eora-out)")
+    p.add_argument("--format", choices=FORMATS,
+                   help="output kind; default from --out: .onnx -> onnx, .plan -> plan, else dir")
     g = p.add_argument_group("compression")
     g.add_argument("--quant", choices=["rtn", "gptq", "awq", "none"], default="rtn", help="weight quantizer (default: rtn)")
     g.add_argument("--bits", type=int, default=4, help="weight bits: 4 or 3 (default: 4)")
     g.add_argument("--group-size", type=int, default=128, help="quantization group along the input dim (default: 128)")
     g.add_argument("--sparsity", choices=["none", "sparsegpt", "magnitude"], default="none", help="2:4 sparsity (default: none)")
-    g.add_argument("--only", action="append", default=[], metavar="PATTERN", help="compress only Linears matching this fnmatch pattern (repeatable)")
-    g.add_argument("--skip", action="append", default=[], metavar="PATTERN", help="leave Linears matching this pattern in FP16 (repeatable)")
+    g.add_argument("--only", action="append", default=[], metavar="PATTERN",
+                   help="compress only Linears matching this fnmatch pattern (repeatable)")
+    g.add_argument("--skip", action="append", default=[], metavar="PATTERN",
+                   help="leave Linears matching this pattern in FP16 (repeatable)")
     g = p.add_argument_group("compensation")
     g.add_argument("--method", choices=["eora", "svd", "none"], default="eora", help="default: eora")
-    g.add_argument("--rank", type=int, default=16, help="rank of the low-rank residual; clamped per layer to min(out, in) (default: 16)")
+    g.add_argument("--rank", type=int, default=16,
+                   help="rank of the low-rank residual; clamped per layer to min(out, in) (default: 16)")
     g.add_argument("--lowrank-bits", type=int, default=4, help="storage of the factors: 4, 8 or 16 (default: 4)")
-    g.add_argument("--lowrank-group-size", type=int, default=0, help="factor quantization group (default: largest of 128..2 dividing rank and width)")
-    g.add_argument("--fast", action="store_true", help="Cholesky + randomized SVD instead of eigh + full SVD (for big models)")
+    g.add_argument("--lowrank-group-size", type=int, default=0,
+                   help="factor quantization group (default: largest of 128..2 dividing rank and width)")
+    g.add_argument("--fast", action="store_true", help="Cholesky + randomized SVD instead of eigh + full SVD (big models)")
     g = p.add_argument_group("calibration and evaluation")
-    g.add_argument("--calib", action="append", default=[], metavar="FILE[:WEIGHT]", help="calibration text or JSONL ('text' field); repeat to mix sets with weights (default: built-in English text)")
+    g.add_argument("--calib", action="append", default=[], metavar="FILE[:WEIGHT]",
+                   help="calibration text or JSONL ('text' field); repeat to mix sets with weights (default: built-in English text)")
     g.add_argument("--calib-samples", type=int, default=128, help="calibration sequences (default: 128)")
     g.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default: 256)")
     g.add_argument("--eval-file", help="held-out text for perplexity (default: the demo's held-out split)")
     g.add_argument("--eval-samples", type=int, default=64, help="held-out sequences (default: 64)")
-    g.add_argument("--sweep-ranks", type=_int_list, help="ranks for the perplexity-vs-rank plot, e.g. 4,8,16,32 (default: around --rank); '' for none")
+    g.add_argument("--sweep-ranks", type=_int_list,
+                   help="ranks for the perplexity-vs-rank plot, e.g. 4,8,16,32 (default: around --rank); '' for none")
     g.add_argument("--no-compare", action="store_true", help="evaluate only --method, not SVD beside it")
     g.add_argument("--batch-size", type=int, default=8)
     g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("export (ONNX / TensorRT / Triton)")
+    g.add_argument("--verify", action="store_true",
+                   help="with ONNX outputs: compare FP16 baseline, compressed, SVD and EoRA graphs through Polygraphy")
+    g.add_argument("--kv-cache", action="store_true", help="export graphs with past/present key-value inputs and outputs")
+    g.add_argument("--plugin-lib", type=Path, help="libeora_plugin.so (default: $EORA_PLUGIN_LIB or the built one)")
+    g.add_argument("--max-batch", type=int, default=8, help="engine profile: largest batch (default: 8)")
+    g.add_argument("--max-seq", type=int, default=1024, help="engine profile: longest sequence (default: 1024)")
+    g.add_argument("--opt-seq", type=int, default=128, help="engine profile: sequence length to tune for (default: 128)")
+    g.add_argument("--timing-cache", type=Path, help="TensorRT timing cache reused between builds (default: beside the plan)")
+    g.add_argument("--triton-name", default="eora_llm", help="model name in the Triton repository (default: eora_llm)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
 
-def _run(args: argparse.Namespace) -> int:
-    from .pipeline import RunConfig, run
+def output_format(args: argparse.Namespace) -> str:
+    if args.format:
+        return args.format
+    return {".onnx": "onnx", ".plan": "plan", ".engine": "plan"}.get(args.out.suffix, "dir")
 
+
+def _run(args: argparse.Namespace) -> int:
+    from .deploy import artifacts_dir, write_deployment
+    from .pipeline import RunConfig, compute, write_outputs
+
+    fmt = output_format(args)
+    if fmt in ("onnx", "plan") and args.out.suffix not in (".onnx", ".plan", ".engine"):
+        raise UsageError(f"--format {fmt} needs --out ending in .{fmt}, got {args.out}")
+    if args.kv_cache and fmt == "dir":
+        raise UsageError("--kv-cache applies to graph outputs; use --out X.onnx or X.plan")
     cfg = RunConfig(
-        model=args.model, out=args.out, method=args.method, rank=args.rank, lowrank_bits=args.lowrank_bits,
-        lowrank_group_size=args.lowrank_group_size, quant=args.quant, bits=args.bits, group_size=args.group_size,
-        sparsity=args.sparsity, calib=args.calib, calib_samples=args.calib_samples, seq_len=args.seq_len,
-        eval_file=args.eval_file, eval_samples=args.eval_samples, sweep_ranks=args.sweep_ranks,
+        model=args.model, out=artifacts_dir(args.out, fmt), method=args.method, rank=args.rank,
+        lowrank_bits=args.lowrank_bits, lowrank_group_size=args.lowrank_group_size, quant=args.quant, bits=args.bits,
+        group_size=args.group_size, sparsity=args.sparsity, calib=args.calib, calib_samples=args.calib_samples,
+        seq_len=args.seq_len, eval_file=args.eval_file, eval_samples=args.eval_samples, sweep_ranks=args.sweep_ranks,
         compare=not args.no_compare, fast=args.fast, only=args.only, skip=args.skip,
         batch_size=args.batch_size, seed=args.seed,
     )
-    report = run(cfg, progress=not args.quiet)
-    print(report["table"])
-    print(f"outputs written to {cfg.out}/ (report.json, adapter/, base/, plots)")
+    result = compute(cfg, progress=not args.quiet)
+    write_outputs(cfg, result)
+    print(result.report["table"])
+    print(f"report, adapter and compressed checkpoint: {cfg.out}/")
+    if fmt != "dir":
+        return write_deployment(args, fmt, cfg, result)
     return 0
+
+
+def _subcommand(argv: list[str]) -> int | None:
+    if not argv or argv[0] not in SUBCOMMANDS:
+        return None
+    import importlib
+
+    module_name, func = SUBCOMMANDS[argv[0]]
+    return getattr(importlib.import_module(module_name, __package__), func)(argv[1:])
+
+
+SUBCOMMANDS = {
+    "compare": (".commands", "compare_main"),
+    "inspect": (".commands", "inspect_main"),
+    "build-plugin": (".commands", "build_plugin_main"),
+}
 
 
 def _on_sigterm(signum, frame) -> None:
@@ -92,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="eora-export: %(message)s")
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
+        code = _subcommand(argv)
+        if code is not None:
+            return code
         args = build_parser().parse_args(argv)
         if args.quiet:
             import os

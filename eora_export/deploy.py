@@ -7,14 +7,21 @@ Each file is written under a temporary name and renamed when complete.
 from __future__ import annotations
 
 import logging
+import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from .atomic import atomic_dir
+from .atomic import atomic_dir, atomic_file
 from .compensate.apply import compensate_layers, swapped
+from .errors import MissingDependency, MissingInput, UsageError
 from .models import load_model
+
+if TYPE_CHECKING:
+    from .trt.build import ShapeProfile
 
 log = logging.getLogger("eora_export")
 
@@ -75,3 +82,143 @@ def verify_onnx(result, cfg, paths: OnnxSet, held, verify_dir: Path, methods: tu
         text = (tmp / "verify.json").read_text().replace(str(tmp), str(verify_dir))
         (tmp / "verify.json").write_text(text)
     return report
+
+
+def artifacts_dir(out: Path, fmt: str) -> Path:
+    """Where report.json, adapter/ and base/ go: ``out`` itself for a plain folder,
+    else ``<out without suffix>.eora`` beside the deployable file or repository."""
+    if fmt == "dir":
+        return out
+    base = out.with_suffix("") if out.suffix in (".onnx", ".plan", ".engine") else out
+    return base.with_name(base.name + ".eora")
+
+
+def _plugin_library(args) -> Path | None:
+    from .trt.plugin import find_library
+
+    if args.plugin_lib:
+        if not args.plugin_lib.is_file():
+            raise MissingInput(f"--plugin-lib {args.plugin_lib} does not exist; build it with `eora-export build-plugin`")
+        return args.plugin_lib
+    return find_library()
+
+
+def _profile(args, result) -> ShapeProfile:
+    from .trt.build import ShapeProfile
+
+    max_seq = min(args.max_seq, int(getattr(result.model.config, "max_position_embeddings", args.max_seq)))
+    return ShapeProfile(batch=(1, 1, args.max_batch), seq=(1, min(args.opt_seq, max_seq), max_seq))
+
+
+def write_build_script(plan: Path, plugin: Path | None, command: str) -> Path:
+    """``X.build.sh`` beside the requested plan: the build to finish on a TensorRT machine.
+
+    ``command`` is the trtexec line without the plugin flag; the plugin library is copied
+    beside the script when it is built here, so the folder travels whole.
+    """
+    if plugin is not None and (plan.parent / plugin.name).resolve() != plugin.resolve():
+        with atomic_file(plan.parent / plugin.name) as tmp:
+            shutil.copy2(plugin, tmp)
+    lib = f'"$(dirname "$0")/{plugin.name}"' if plugin else '"${EORA_PLUGIN_LIB:?build it first: eora-export build-plugin}"'
+    body = f"""#!/usr/bin/env bash
+# Finish the TensorRT engine build of {plan.name} on a machine with a GPU and TensorRT.
+set -euo pipefail
+PLUGIN={lib}
+cd "$(dirname "$0")"
+{command} --dynamicPlugins="$PLUGIN"
+"""
+    script = plan.with_suffix(".build.sh")
+    with atomic_file(script) as tmp:
+        tmp.write_text(body)
+        tmp.chmod(0o755)
+    return script
+
+
+def write_plan(args, result, plan: Path) -> int:
+    from .trt.build import build_engine, trtexec_command
+
+    paths = write_onnx(result, plan.with_suffix(".onnx"), kv_cache=args.kv_cache)
+    plugin = _plugin_library(args)
+    profile = _profile(args, result)
+    cache = args.timing_cache or plan.with_suffix(".timing.cache")
+    try:
+        build_engine(paths.fused, plan, plugin, profile, cache)
+    except MissingDependency as e:
+        command = trtexec_command(Path(paths.fused.name), Path(plan.name), None, profile, Path(cache.name))
+        script = write_build_script(plan, plugin, command)
+        print(f"wrote {paths.fused} (fused), {paths.pattern}, {paths.baseline} and {script}", file=sys.stderr)
+        raise MissingDependency(f"{str(e).split(';')[0]}; no {plan.name} was written. "
+                                f"Finish on a GPU machine with TensorRT: bash {script}") from None
+    print(f"engine: {plan}")
+    return 0
+
+
+def write_triton(args, result, repo: Path) -> int:
+    from .trt.build import build_engine, missing_tensorrt_reason
+    from .trt.triton import TritonModel, serve_command, write_repository
+
+    staging = artifacts_dir(repo, "triton")
+    onnx_set = write_onnx(result, staging / "model.onnx", kv_cache=False)
+    plugin = _plugin_library(args)
+    model = TritonModel(args.triton_name, int(result.model.config.vocab_size), args.max_batch)
+    reason = missing_tensorrt_reason()
+    with atomic_dir(repo) as tmp:
+        if reason is None:
+            plan = build_engine(onnx_set.fused, staging / "model.plan", plugin, _profile(args, result))
+            write_repository(plan, tmp, model)
+        else:
+            # Without TensorRT the repository serves the unfused pattern on ONNX Runtime.
+            extra = [p for p in [Path(str(onnx_set.pattern) + ".data")] if p.exists()]
+            write_repository(onnx_set.pattern, tmp, model, extra)
+        command = serve_command(repo, plugin if reason is None else None)
+        (tmp / "README.md").write_text(triton_readme(model, command, reason))
+    print(f"Triton repository: {repo}/{model.name} ({'tensorrt_plan' if reason is None else 'onnxruntime_onnx'})")
+    print(f"serve it: {command}")
+    if reason:
+        print(f"note: {reason}; rebuild on a TensorRT machine for the tensorrt_plan platform "
+              f"(eora-export ... --format triton there, or the build script of --out X.plan)", file=sys.stderr)
+    return 0
+
+
+def triton_readme(model, command: str, reason: str | None) -> str:
+    platform = "onnxruntime_onnx (unfused pattern)" if reason else "tensorrt_plan (fused EoraLinear plugin)"
+    return f"""# Triton model repository: {model.name}
+
+Platform: {platform}. Input `{model.input_name}` INT64 [batch, seq]; output `{model.output_name}` FP16
+[batch, seq, {model.vocab_size}]; max batch {model.max_batch_size}, dynamic batching on.
+
+    {command}
+
+With a TensorRT engine, pass the plugin: `--backend-config=tensorrt,plugins=/path/libeora_plugin.so`.
+"""
+
+
+def write_deployment(args, fmt: str, cfg, result) -> int:
+    """The deployable output for ``fmt``; returns the exit code."""
+    if fmt == "onnx":
+        paths = write_onnx(result, args.out, kv_cache=args.kv_cache)
+        print(f"ONNX: {paths.fused} (EoraLinear nodes), {paths.pattern} (unfused pattern), {paths.baseline} (FP16 baseline)")
+        if args.verify:
+            run_verify(args, cfg, result, paths)
+        return 0
+    if fmt == "plan":
+        return write_plan(args, result, args.out)
+    if fmt == "triton":
+        return write_triton(args, result, args.out)
+    if fmt == "trtllm":
+        from .trtllm import write_trtllm
+
+        return write_trtllm(args, cfg, result, args.out)
+    raise UsageError(f"unknown --format {fmt}")
+
+
+def run_verify(args, cfg, result, paths: OnnxSet) -> None:
+    from .verify import polygraphy_command
+
+    verify_dir = cfg.out / "verify"
+    report = verify_onnx(result, cfg, paths, result.held, verify_dir)
+    print(report.table())
+    plugin = _plugin_library(args) or "libeora_plugin.so"
+    print("replay on a GPU machine with TensorRT:\n  " + polygraphy_command(
+        paths.fused, plugin, inputs_json=verify_dir / "inputs.json",
+        baseline_outputs=verify_dir / "baseline_outputs.json", seq_len=cfg.seq_len))

@@ -93,16 +93,19 @@ def run_model(path: str | Path, windows: np.ndarray, name: str, *, save_outputs:
     """Run one ONNX model over ``windows`` with Polygraphy; returns its ``RunResults``."""
     from polygraphy.backend.onnxrt import OnnxrtRunner
     from polygraphy.comparator import Comparator
+    from polygraphy.logger import G_LOGGER
 
     from .onnx.runtime import make_session
 
     session = make_session(path)
     feeds = feeds_for(session, windows)
     runner = OnnxrtRunner(session, name=RUNNER_PREFIX + name)
-    results = Comparator.run([runner], data_loader=feeds,
-                             save_inputs_path=None if save_inputs is None else str(save_inputs))
-    if save_outputs is not None:
-        results.save(str(save_outputs))
+    # Polygraphy prints every feed and output at INFO; our report is the summary.
+    with G_LOGGER.verbosity(G_LOGGER.WARNING):
+        results = Comparator.run([runner], data_loader=feeds,
+                                 save_inputs_path=None if save_inputs is None else str(save_inputs))
+        if save_outputs is not None:
+            results.save(str(save_outputs))
     return results
 
 

@@ -320,3 +320,23 @@ def test_find_library_honours_env(monkeypatch, tmp_path):
     monkeypatch.setenv("EORA_PLUGIN_LIB", str(tmp_path / "missing.so"))
     with pytest.raises(tp.PluginError, match="EORA_PLUGIN_LIB"):
         tp.find_library()
+
+
+def test_plugin_config_yaml_matches_spec():
+    yaml = pytest.importorskip("yaml", reason="PyYAML not installed: cannot read EoraLinear_PluginConfig.yaml")
+    cfg = yaml.safe_load((PLUGIN_DIR / "EoraLinear_PluginConfig.yaml").read_text())
+    s = spec.load_spec()
+    assert cfg["name"] == s["plugin_name"] and cfg["namespace"] == s["plugin_namespace"]
+    v = cfg["versions"][s["plugin_version"]]
+    assert v["inputs"] == [i["name"] for i in s["inputs"]] == list(spec.ALL_INPUTS)
+    assert v["outputs"] == [o["name"] for o in s["outputs"]]
+    assert v["attributes"] == spec.attribute_names()
+    kinds = {"int": "int32", "string": "char"}
+    assert v["attribute_types"] == {k: kinds[t] for k, t in spec.attribute_types().items()}
+    for a in s["attributes"]:
+        if "values" in a:
+            assert v["attribute_options"][a["name"]] == a["values"], a["name"]
+        if "value" in a:
+            assert v["attribute_options"][a["name"]] == [a["value"]], a["name"]
+    optional = {i["name"] for i in s["inputs"] if "optional" in i}
+    assert set(v["optional_inputs"]) == optional

@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from ..atomic import default_mode
 from .initializers import array_tensor
 
 EXTERNAL_THRESHOLD_BYTES = int(1.5 * 2**30)
@@ -92,6 +93,7 @@ def save_model(model: onnx.ModelProto, path: Path) -> Path:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(model.SerializeToString())
+        os.chmod(tmp, default_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -113,6 +115,7 @@ class ExternalDataFile:
 
     def commit(self) -> None:
         self.file.close()
+        os.chmod(self.tmp, default_mode())
         os.replace(self.tmp, self.final)
 
     def discard(self) -> None:

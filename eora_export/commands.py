@@ -1,0 +1,82 @@
+"""Subcommands beside the main export: compare, inspect, build-plugin."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .errors import MissingDependency, MissingInput, UsageError
+
+
+def _parser(prog: str, description: str) -> argparse.ArgumentParser:
+    from .cli import _Parser
+
+    return _Parser(prog=f"eora-export {prog}", description=description)
+
+
+def compare_main(argv: list[str]) -> int:
+    """Polygraphy comparison of existing ONNX files on held-out text."""
+    from .calibration import read_texts, token_windows
+    from .models import DEMO_DIR
+    from .verify import compare_models, polygraphy_command
+
+    p = _parser("compare", "Compare compensated ONNX models with the FP16 baseline: max/mean |Δlogits|, "
+                "top-1 agreement and perplexity, through Polygraphy (ONNX Runtime on the CPU).")
+    p.add_argument("--baseline", type=Path, required=True, help="FP16 baseline ONNX (X.fp16.onnx)")
+    p.add_argument("models", nargs="+", metavar="NAME=FILE.onnx", help="models to compare, e.g. eora=demo.onnx")
+    p.add_argument("--tokenizer", type=Path, default=DEMO_DIR, help="tokenizer folder (default: the demo's)")
+    p.add_argument("--text", type=Path, default=DEMO_DIR / "heldout.txt", help="held-out text (default: the demo's)")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--samples", type=int, default=16)
+    p.add_argument("--out", type=Path, default=Path("compare-out"), help="where the Polygraphy JSON goes")
+    p.add_argument("--plugin-lib", default="libeora_plugin.so", help="for the printed TensorRT replay command")
+    args = p.parse_args(argv)
+    models = {}
+    for spec in args.models:
+        name, sep, path = spec.partition("=")
+        name, path = (name, Path(path)) if sep else (Path(spec).stem, Path(spec))
+        models[name] = path
+    for path in [args.baseline, *models.values()]:
+        if not path.is_file():
+            raise MissingInput(f"{path} not found; give existing ONNX files (eora-export --out X.onnx writes them)")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(args.tokenizer, local_files_only=True)
+    windows = token_windows(tok, read_texts(args.text), args.seq_len, args.samples).numpy()
+    if windows.shape[0] == 0:
+        raise UsageError(f"{args.text} is shorter than one {args.seq_len}-token window; lower --seq-len")
+    report = compare_models(args.baseline, models, windows, args.out)
+    print(report.table())
+    first = next(iter(models.values()))
+    print("replay on a GPU machine with TensorRT:\n  " + polygraphy_command(
+        first, args.plugin_lib, inputs_json=args.out / "inputs.json",
+        baseline_outputs=args.out / "baseline_outputs.json", seq_len=args.seq_len))
+    return 0
+
+
+def build_plugin_main(argv: list[str]) -> int:
+    """Compile libeora_plugin.so with CMake + nvcc against the TensorRT headers."""
+    from .trt.plugin import PluginError, build_plugin
+
+    p = _parser("build-plugin", "Build trt_plugins/ (CUDA + TensorRT headers) into libeora_plugin.so.")
+    p.add_argument("--build-dir", type=Path, help="CMake build folder (default: build/trt_plugins in the repository)")
+    args = p.parse_args(argv)
+    try:
+        lib = build_plugin(args.build_dir) if args.build_dir else build_plugin()
+    except PluginError as e:
+        raise MissingDependency(str(e)) from None
+    print(lib)
+    return 0
+
+
+def inspect_main(argv: list[str]) -> int:
+    from .inspect import describe
+
+    p = _parser("inspect", "Print what is inside an eora-export output: ONNX graph, engine, folder, adapter, Triton repository.")
+    p.add_argument("path", type=Path)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    args = p.parse_args(argv)
+    if not args.path.exists():
+        raise MissingInput(f"{args.path} not found")
+    print(describe(args.path, as_json=args.json))
+    return 0
