@@ -24,6 +24,7 @@ from .errors import BadInput, UsageError
 from .evaluate import perplexity
 from .models import DEMO_DIR, load_model, resolve_model, target_linears
 from .report import format_table, plot_layer_errors, plot_ppl_vs_rank, write_json
+from .validate import preflight
 
 log = logging.getLogger("eora_export")
 
@@ -150,6 +151,7 @@ def compute(cfg: RunConfig, progress: bool = True) -> RunResult:
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
     path = resolve_model(cfg.model)
+    preflight(cfg, path)
     model, tokenizer = load_model(path)
     linears = target_linears(model, cfg.only, cfg.skip)
     max_rank = min(min(m.weight.shape) for m in linears.values())

@@ -340,3 +340,42 @@ def test_plugin_config_yaml_matches_spec():
             assert v["attribute_options"][a["name"]] == [a["value"]], a["name"]
     optional = {i["name"] for i in s["inputs"] if "optional" in i}
     assert set(v["optional_inputs"]) == optional
+
+
+@pytest.mark.parametrize("wbits,lbits,rank", [(4, 4, 8), (3, 8, 8), (16, 16, 4), (4, 16, 0)])
+def test_plugin_inputs_have_the_spec_layout(wbits, lbits, rank):
+    """The tensors handed to the kernel are the fused node's constants: shapes, dtypes and packed codes."""
+    from eora_export.modules import EoraLinear
+
+    g = torch.Generator().manual_seed(wbits + lbits + rank)
+    k, n = 32, 16
+    wq = quantize(torch.randn(n, k, generator=g), wbits, 0 if wbits == 16 else 8)
+    a = b = None
+    if rank:
+        lg = 0 if lbits == 16 else 4
+        a = quantize(torch.randn(rank, k, generator=g), lbits, lg)
+        b = quantize(torch.randn(n, rank, generator=g), lbits, lg)
+    layer = EoraLinear(wq, a, b, torch.randn(n, generator=g))
+    tensors, attrs = tp.plugin_inputs(layer, "cpu")
+    layouts = spec.input_layouts(attrs)
+    assert list(tensors) == [r for r in spec.input_names(attrs) if r != "x"] == list(layouts)
+    dtypes = {"int8": torch.int8, "float16": torch.float16}
+    for role, t in tensors.items():
+        assert (str(t.dtype), tuple(t.shape)) == (str(dtypes[layouts[role][0]]), layouts[role][1]), role
+    if wbits < 16:
+        from eora_export.quant import unpack_int4
+
+        assert torch.equal(unpack_int4(tensors["w"].view(torch.uint8)), wq.q.T)  # packed along N
+        assert torch.equal(tensors["w_scale"], wq.scale.T)
+    if rank and lbits == 8:
+        assert torch.equal(tensors["b"], b.q.T)
+
+
+def test_bench_kernels_fails_in_one_line_without_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present: the no-GPU message is not shown")
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "bench_kernels.py")], capture_output=True,
+                          text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no CUDA GPU" in lines[0], proc.stderr

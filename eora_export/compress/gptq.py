@@ -56,7 +56,12 @@ class ObsResult:
 
 
 def inverse_hessian_factor(gram: Tensor, damp: float = DEFAULT_DAMP, name: str = "layer") -> Tensor:
-    """float32 upper Cholesky factor U of (G + damp·mean(diag G)·I)⁻¹, dead inputs decoupled."""
+    """float32 upper Cholesky factor U of (G + damp·mean(diag G)·I)⁻¹ (H⁻¹ = Uᵀ U), dead inputs decoupled.
+
+    One Cholesky of the reversed H gives H = R Rᵀ with R upper; then U = R⁻¹ (upper, by a
+    triangular solve), which is the upper Cholesky factor of H⁻¹. Half the work of
+    Cholesky → cholesky_inverse → Cholesky, all in float64.
+    """
     h = gram.to(torch.float64).clone()
     if not torch.isfinite(h).all():
         raise BadInput(f"the calibration Gram of {name} has NaN/Inf; check the model and the calibration data")
@@ -68,17 +73,20 @@ def inverse_hessian_factor(gram: Tensor, damp: float = DEFAULT_DAMP, name: str =
         h[dead, :] = 0.0
         h[:, dead] = 0.0
         h[dead, dead] = alive_mean
-    eye = torch.eye(n, dtype=torch.float64)
+    h = h.flip(0, 1)
     lam = damp * alive_mean
     for _ in range(8):
-        chol, info = torch.linalg.cholesky_ex(h + lam * eye)
+        h.diagonal().add_(lam)
+        chol, info = torch.linalg.cholesky_ex(h)
         if int(info) == 0:
             break
+        h.diagonal().sub_(lam)
         lam *= 10.0
     else:
         raise BadInput(f"the calibration Gram of {name} is not positive semi-definite even after damping")
-    hinv = torch.cholesky_inverse(chol)
-    return torch.linalg.cholesky(hinv, upper=True).to(torch.float32)
+    r = chol.flip(0, 1)  # upper, H = R Rᵀ
+    eye = torch.eye(n, dtype=torch.float64)
+    return torch.linalg.solve_triangular(r, eye, upper=True).to(torch.float32)
 
 
 def _block_size(group_size: int) -> int:
@@ -106,65 +114,75 @@ def obs_compress(
     """
     if keep is not None and select_24:
         raise ValueError("give either a fixed mask or select_24, not both")
-    w = weight.detach().to(torch.float32).clone()
-    rows, cols = w.shape
+    rows, cols = weight.shape
     integer = bits != 16
     if integer and cols % group_size:
         raise ValueError(f"group size {group_size} does not divide {cols} columns of {name}")
     if select_24 and cols % 4:
         raise ValueError(f"2:4 sparsity needs a multiple of 4 input columns; {name} has {cols}")
     u = inverse_hessian_factor(gram, damp, name)
-    mask = torch.ones_like(w, dtype=torch.bool) if keep is None else keep.to(torch.bool).clone()
-    pre = torch.zeros_like(w)  # the value each weight had when it was rounded
-    out = torch.zeros_like(w)  # the value it was rounded to
-    scales = torch.zeros(rows, cols // group_size, dtype=torch.float16) if integer else None
+    masked = keep is not None or select_24
+    # Transposed working layout [in, out]: an input column is a contiguous row here.
+    wt = weight.detach().to(torch.float32).t().contiguous()
+    kt = keep.to(torch.float32).t().contiguous() if keep is not None else torch.ones_like(wt)
+    pre = torch.zeros_like(wt)  # the value each weight had when it was rounded
+    out = torch.zeros_like(wt)  # the value it was rounded to
+    scales = torch.zeros(cols // group_size, rows, dtype=torch.float16) if integer else None
     lo, hi = (-qmax(bits) - 1, qmax(bits)) if integer else (0, 0)
-    col_scale = None
+    scale = safe = pos = None
     bs = _block_size(group_size if integer else 4)
     for i1 in range(0, cols, bs):
         i2 = min(i1 + bs, cols)
-        w1 = w[:, i1:i2].clone()
+        w1 = wt[i1:i2].clone()
         err1 = torch.zeros_like(w1)
         u1 = u[i1:i2, i1:i2]
         d1 = torch.diagonal(u1)
         for j in range(i2 - i1):
             c = i1 + j
             if select_24 and c % 4 == 0:
-                sal = w1[:, j : j + 4].square() / d1[j : j + 4].square()
-                prune = torch.topk(sal, 2, dim=1, largest=False).indices
-                mask[:, c : c + 4] = True
-                mask[:, c : c + 4].scatter_(1, prune, False)
+                sal = w1[j : j + 4].square() / d1[j : j + 4].square().unsqueeze(1)
+                prune = torch.topk(sal, 2, dim=0, largest=False).indices
+                kt[c : c + 4].fill_(1.0).scatter_(0, prune, 0.0)
             if integer and c % group_size == 0:
-                grp = w1[:, j : j + group_size] * mask[:, c : c + group_size]
+                grp = (w1[j : j + group_size] * kt[c : c + group_size]).t()
                 if clip_search:
-                    s = quantize(grp, bits, group_size, clip_search=True).scale
+                    sc = quantize(grp, bits, group_size, clip_search=True).scale[:, 0]
                 else:
-                    s = group_scales(grp, bits, group_size)
-                scales[:, c // group_size] = s[:, 0]
-                col_scale = s[:, 0].float()
-            x = w1[:, j]
-            k = mask[:, c]
-            if integer:
-                safe = torch.where(col_scale > 0, col_scale, torch.ones_like(col_scale))
+                    sc = group_scales(grp, bits, group_size)[:, 0]
+                scales[c // group_size] = sc
+                scale = sc.float()
+                pos = scale > 0
+                safe = torch.where(pos, scale, torch.ones_like(scale))
+                if bool(pos.all()):
+                    pos = None
+            x = w1[j]
+            if integer:  # exactly quant.quantize_with_scales, one column at a time
                 q = torch.round(x / safe).clamp_(lo, hi)
-                q = torch.where(col_scale > 0, q, torch.zeros_like(q))
-                v = (q * col_scale).to(torch.float16).float()
+                if pos is not None:
+                    q.mul_(pos)
+                v = (q * scale).to(torch.float16).float()
             else:
                 v = x.to(torch.float16).float()
-            v = torch.where(k, v, torch.zeros_like(v))
-            pre[:, c] = torch.where(k, x, torch.zeros_like(x))
-            out[:, c] = v
-            e = (x - v) / d1[j]
-            w1[:, j:] -= e.unsqueeze(1) * u1[j, j:].unsqueeze(0)
-            err1[:, j] = e
+            if masked:
+                v.mul_(kt[c])
+                pre[c] = x * kt[c]
+            else:
+                pre[c] = x
+            out[c] = v
+            e = (x - v).div_(d1[j])
+            if j + 1 < i2 - i1:
+                w1[j + 1 :].addr_(u1[j, j + 1 :], e, alpha=-1.0)
+            err1[j] = e
         if i2 < cols:
-            w[:, i2:] -= err1 @ u[i1:i2, i2:]
+            wt[i2:].addmm_(u[i1:i2, i2:].t(), err1, alpha=-1.0)
+    out = out.t().contiguous()
     codes = None
     if integer:
-        codes = quantize_with_scales(pre, scales, bits, group_size)
+        scales = scales.t().contiguous()
+        codes = quantize_with_scales(pre.t(), scales, bits, group_size)
         if not torch.equal(dequantize(codes, scales, group_size), out.to(torch.float16)):
             raise AssertionError(f"GPTQ codes of {name} disagree with quant.quantize_with_scales")
-    return ObsResult(out, codes, scales, mask if (keep is not None or select_24) else None)
+    return ObsResult(out, codes, scales, kt.t().to(torch.bool).contiguous() if masked else None)
 
 
 def gptq(
