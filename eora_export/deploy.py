@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .atomic import atomic_dir, atomic_file
+from .atomic import atomic_dir, atomic_file, default_mode
 from .compensate.apply import compensate_layers, swapped
 from .errors import MissingDependency, MissingInput, UsageError
 from .models import load_model
@@ -94,13 +94,16 @@ def artifacts_dir(out: Path, fmt: str) -> Path:
 
 
 def _plugin_library(args) -> Path | None:
-    from .trt.plugin import find_library
+    from .trt.plugin import PluginError, find_library
 
     if args.plugin_lib:
         if not args.plugin_lib.is_file():
             raise MissingInput(f"--plugin-lib {args.plugin_lib} does not exist; build it with `eora-export build-plugin`")
         return args.plugin_lib
-    return find_library()
+    try:
+        return find_library()
+    except PluginError as e:  # $EORA_PLUGIN_LIB names no file: the user's input, not our bug
+        raise MissingInput(str(e)) from None
 
 
 def _profile(args, result) -> ShapeProfile:
@@ -130,7 +133,9 @@ cd "$(dirname "$0")"
     script = plan.with_suffix(".build.sh")
     with atomic_file(script) as tmp:
         tmp.write_text(body)
-        tmp.chmod(0o755)
+    # atomic_file gives the plain-file mode on rename; a script also needs the execute bits
+    # (the umask-filtered 0o777 that mkdir would use).
+    script.chmod(default_mode(directory=True))
     return script
 
 
@@ -144,9 +149,12 @@ def write_plan(args, result, plan: Path) -> int:
     try:
         build_engine(paths.fused, plan, plugin, profile, cache)
     except MissingDependency as e:
-        command = trtexec_command(Path(paths.fused.name), Path(plan.name), None, profile, Path(cache.name))
+        # The script cds to its folder: name files there by name, a cache elsewhere by its full path.
+        cache_arg = Path(cache.name) if cache.parent.resolve() == plan.parent.resolve() else cache.resolve()
+        command = trtexec_command(Path(paths.fused.name), Path(plan.name), None, profile, cache_arg)
         script = write_build_script(plan, plugin, command)
-        print(f"wrote {paths.fused} (fused), {paths.pattern}, {paths.baseline} and {script}", file=sys.stderr)
+        # stdout: the error below must stay the only line on stderr.
+        print(f"wrote {paths.fused} (fused), {paths.pattern}, {paths.baseline} and {script}")
         raise MissingDependency(f"{str(e).split(';')[0]}; no {plan.name} was written. "
                                 f"Finish on a GPU machine with TensorRT: bash {script}") from None
     print(f"engine: {plan}")
@@ -164,7 +172,8 @@ def write_triton(args, result, repo: Path) -> int:
     reason = missing_tensorrt_reason()
     with atomic_dir(repo) as tmp:
         if reason is None:
-            plan = build_engine(onnx_set.fused, staging / "model.plan", plugin, _profile(args, result))
+            cache = args.timing_cache or staging / "model.timing.cache"
+            plan = build_engine(onnx_set.fused, staging / "model.plan", plugin, _profile(args, result), cache)
             write_repository(plan, tmp, model)
         else:
             # Without TensorRT the repository serves the unfused pattern on ONNX Runtime.

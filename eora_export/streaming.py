@@ -157,9 +157,7 @@ class StreamingCheckpoint:
                 raise BadInput(f"{index} is not a valid safetensors index ({e}); re-download the model") from None
             missing = sorted({f for f in wmap.values() if not (self.path / f).is_file()})
             if missing:
-                raise MissingInput(
-                    f"shard {missing[0]} listed in {index.name} is missing from {self.path}; re-download the model"
-                )
+                raise MissingInput(f"shard {missing[0]} listed in {index.name} is missing from {self.path}; re-download the model")
             return dict(wmap)
         single = self.path / "model.safetensors"
         if single.is_file():
@@ -167,12 +165,9 @@ class StreamingCheckpoint:
                 return dict.fromkeys(f.keys(), single.name)
         if any(self.path.glob("*.bin")):
             raise BadInput(
-                f"{self.path} holds PyTorch .bin weights; streaming needs safetensors "
-                "(convert with save_pretrained(safe_serialization=True))"
+                f"{self.path} holds PyTorch .bin weights; streaming needs safetensors (convert with save_pretrained(safe_serialization=True))"
             )
-        raise MissingInput(
-            f"no model.safetensors or model.safetensors.index.json in {self.path}; download the full model"
-        )
+        raise MissingInput(f"no model.safetensors or model.safetensors.index.json in {self.path}; download the full model")
 
     @property
     def num_layers(self) -> int:
@@ -228,9 +223,7 @@ class StreamingCheckpoint:
         prefix = {"llama": "Llama", "mistral": "Mistral"}[self.model_type]
         return getattr(mod, f"{prefix}DecoderLayer"), getattr(mod, f"{prefix}RotaryEmbedding")
 
-    def load_layer(
-        self, index: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
-    ) -> nn.Module:
+    def load_layer(self, index: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
         """Decoder layer ``index`` (transformers' class) with its weights, in eval mode.
 
         Built on the meta device, so no random initialisation is allocated; then each
@@ -264,9 +257,7 @@ class StreamingCheckpoint:
         """``ids: [n, seq]`` int64 -> ``[n, seq, hidden]`` in ``dtype`` (rows of the table)."""
         table = self.read(["model.embed_tokens.weight"])["model.embed_tokens.weight"]
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= table.shape[0]):
-            raise BadInput(
-                f"token ids reach {int(ids.max())} but the vocabulary has {table.shape[0]} entries; wrong tokenizer?"
-            )
+            raise BadInput(f"token ids reach {int(ids.max())} but the vocabulary has {table.shape[0]} entries; wrong tokenizer?")
         return F.embedding(ids, table).float().to(dtype)
 
 
@@ -326,25 +317,19 @@ class BlockHost(nn.Module):
         x = hidden.to(device=ref.device, dtype=ref.dtype)
         pos, pe = self._pos(x)
         window = getattr(self.config, "sliding_window", None) if self.config.model_type == "mistral" else None
-        mask_fn = (
-            masking_utils.create_causal_mask if window is None else masking_utils.create_sliding_window_causal_mask
-        )
+        mask_fn = masking_utils.create_causal_mask if window is None else masking_utils.create_sliding_window_causal_mask
         mask = mask_fn(config=self.config, inputs_embeds=x, attention_mask=None, past_key_values=None, position_ids=pos)
         return self.layer(x, attention_mask=mask, position_ids=pos, position_embeddings=pe)
 
 
-def block_linears(
-    host: BlockHost, only: list[str] | None = None, skip: list[str] | None = None
-) -> dict[str, nn.Linear]:
+def block_linears(host: BlockHost, only: list[str] | None = None, skip: list[str] | None = None) -> dict[str, nn.Linear]:
     """The target Linears of one block by qualified name (same rule as models.target_linears)."""
     found = {}
     for name, mod in host.named_modules():
         if name.rsplit(".", 1)[-1] not in TARGET_SUFFIXES:
             continue
         if not isinstance(mod, nn.Linear):
-            raise BadInput(
-                f"{name} is a {type(mod).__name__}, not a Linear; eora-export handles plain Linear layers only"
-            )
+            raise BadInput(f"{name} is a {type(mod).__name__}, not a Linear; eora-export handles plain Linear layers only")
         if only and not any(fnmatch(name, p) for p in only):
             continue
         if skip and any(fnmatch(name, p) for p in skip):
@@ -362,11 +347,7 @@ def run_block(host: nn.Module, hidden: Tensor, batch_size: int, out_dtype: torch
         y = host(hidden[i : i + batch_size])
         out[i : i + batch_size] = y.to(device="cpu", dtype=out_dtype)
     if not torch.isfinite(out).all():
-        hint = (
-            " rerun with float32 activations (--stream-act-dtype float32)"
-            if out_dtype != torch.float32
-            else " check the model weights"
-        )
+        hint = " rerun with float32 activations (--stream-act-dtype float32)" if out_dtype != torch.float32 else " check the model weights"
         raise BadInput(f"NaN/Inf in the activations after {what or 'a block'};{hint}")
     return out
 
@@ -431,10 +412,7 @@ def gram_forward(
     finally:
         timer.remove()
     if out is not None and not torch.isfinite(out).all():
-        raise BadInput(
-            f"NaN/Inf in the activations after block {host.index}; "
-            "rerun with float32 activations (--stream-act-dtype float32)"
-        )
+        raise BadInput(f"NaN/Inf in the activations after block {host.index}; rerun with float32 activations (--stream-act-dtype float32)")
     return col.store, out, timer.seconds
 
 
@@ -451,9 +429,7 @@ class SafetensorsWriter:
     file (8-byte little-endian header size, JSON header padded to 8 bytes, raw data).
     """
 
-    def __init__(
-        self, path: Path, specs: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str] | None = None
-    ) -> None:
+    def __init__(self, path: Path, specs: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str] | None = None) -> None:
         self.path = Path(path)
         self._specs = [(n, dt, tuple(int(s) for s in shape)) for n, dt, shape in specs]
         header: dict[str, object] = {}
@@ -476,9 +452,7 @@ class SafetensorsWriter:
             raise ValueError(f"{self.path.name}: unexpected extra tensor {name}")
         want, dt, shape = self._specs[self._next]
         if name != want or tensor.dtype != dt or tuple(tensor.shape) != shape:
-            raise ValueError(
-                f"{self.path.name}: expected {want} {dt} {shape}, got {name} {tensor.dtype} {tuple(tensor.shape)}"
-            )
+            raise ValueError(f"{self.path.name}: expected {want} {dt} {shape}, got {name} {tensor.dtype} {tuple(tensor.shape)}")
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
         self._file.write(data.numpy().data)
         self._next += 1
@@ -522,9 +496,7 @@ class ShardedWriter:
             shards[-1].append(spec)
             size += nbytes
         n = len(shards)
-        self.names = (
-            ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-        )
+        self.names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         self._folder = folder
         self._shards = shards
         self._metadata = metadata
@@ -541,9 +513,7 @@ class ShardedWriter:
             self._index += 1
             if self._index >= len(self._shards):
                 raise ValueError(f"unexpected extra tensor {name}")
-            self._current = SafetensorsWriter(
-                self._folder / self.names[self._index], self._shards[self._index], self._metadata
-            )
+            self._current = SafetensorsWriter(self._folder / self.names[self._index], self._shards[self._index], self._metadata)
             self._left = len(self._shards[self._index])
         self._current.write(name, tensor)
         self._left -= 1
@@ -591,9 +561,7 @@ def _qm_load(f, prefix: str, meta: dict) -> QuantizedMatrix:
     return QuantizedMatrix(q, scale, meta["bits"], meta["group_size"])
 
 
-def _block_file_tensors(
-    host: BlockHost, results: dict, linears: dict[str, nn.Linear]
-) -> tuple[dict[str, Tensor], dict, list]:
+def _block_file_tensors(host: BlockHost, results: dict, linears: dict[str, nn.Linear]) -> tuple[dict[str, Tensor], dict, list]:
     """(tensors, per-Linear metadata, base-checkpoint tensor list) of one finished block.
 
     The non-target parameters are taken from the block *after* compression: AWQ folds its
@@ -756,17 +724,13 @@ def _windows_for(path: Path, cfg, need_eval: bool) -> tuple[Tensor, Tensor | Non
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as e:
-        raise MissingInput(
-            f"no usable tokenizer in {path} ({type(e).__name__}); streaming needs one to tokenize --calib"
-        ) from None
+        raise MissingInput(f"no usable tokenizer in {path} ({type(e).__name__}); streaming needs one to tokenize --calib") from None
     calib, held = _windows(tokenizer, cfg, path == DEMO_DIR)
     return calib, (held if need_eval else None), tokenizer
 
 
 @torch.no_grad()
-def _head_nll(
-    ckpt: StreamingCheckpoint, hidden: dict[str, Tensor], ids: Tensor, batch_size: int, device: torch.device
-) -> dict[str, float]:
+def _head_nll(ckpt: StreamingCheckpoint, hidden: dict[str, Tensor], ids: Tensor, batch_size: int, device: torch.device) -> dict[str, float]:
     """Mean next-token NLL per path from final hidden states ``[m, seq, h]`` (final norm,
     then lm_head in float32, as evaluate.mean_nll computes on the full model)."""
     head_name = "model.embed_tokens.weight" if ckpt.tied else "lm_head.weight"
@@ -783,9 +747,7 @@ def _head_nll(
             x = norm(h[i : i + batch_size].to(device=device, dtype=torch.float32))
             logits = F.linear(x, head).float()
             b_ids = ids[i : i + batch_size].to(device)
-            nll = F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]), b_ids[:, 1:].reshape(-1), reduction="sum"
-            )
+            nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), b_ids[:, 1:].reshape(-1), reduction="sum")
             total += float(nll)
             count += b_ids[:, 1:].numel()
         out[label] = total / max(count, 1)
@@ -884,9 +846,7 @@ def _process_block(
     # the chosen device, so the Grams, their roots and SVDs run there without changes.
     with _on(device):
         if linears:
-            grams, fp_out, gram_s = gram_forward(
-                host, linears, state.calib, cfg.batch_size, keep_fp_out, act_dtype, sync
-            )
+            grams, fp_out, gram_s = gram_forward(host, linears, state.calib, cfg.batch_size, keep_fp_out, act_dtype, sync)
         else:
             grams, fp_out, gram_s = (
                 GramStore(),
@@ -905,9 +865,7 @@ def _process_block(
         plain: dict[str, EoraLinear] = {}
         if linears:
             biases = {n: m.bias for n, m in linears.items()}
-            compressed = compress_model(
-                host, linears, grams, _compress_config(cfg), state.calib, sparsegpt_backend=opts.sparsegpt_backend
-            )
+            compressed = compress_model(host, linears, grams, _compress_config(cfg), state.calib, sparsegpt_backend=opts.sparsegpt_backend)
             t = lap("compress_s", t)
             comp = CompensationConfig(
                 method=cfg.method,
@@ -919,9 +877,7 @@ def _process_block(
             results = compensate_layers(compressed, grams, comp, biases, progress=False)
             t = lap("compensate_s", t)
             if "compressed" in state.evals:
-                plain = {
-                    n: EoraLinear(c.weight, bias=biases.get(n), sparse24=c.sparse24) for n, c in compressed.items()
-                }
+                plain = {n: EoraLinear(c.weight, bias=biases.get(n), sparse24=c.sparse24) for n, c in compressed.items()}
             del compressed, grams, biases
         modules = {n: r.module for n, r in results.items()}
         with swapped(host, modules):
@@ -933,13 +889,9 @@ def _process_block(
                     next_evals[label] = run_block(host, state.evals[label], cfg.batch_size, act_dtype, f"block {index}")
         if plain:
             with swapped(host, plain):
-                next_evals["compressed"] = run_block(
-                    host, state.evals["compressed"], cfg.batch_size, act_dtype, f"block {index}"
-                )
+                next_evals["compressed"] = run_block(host, state.evals["compressed"], cfg.batch_size, act_dtype, f"block {index}")
         elif "compressed" in state.evals:
-            next_evals["compressed"] = run_block(
-                host, state.evals["compressed"], cfg.batch_size, act_dtype, f"block {index}"
-            )
+            next_evals["compressed"] = run_block(host, state.evals["compressed"], cfg.batch_size, act_dtype, f"block {index}")
         if state.evals:
             t = lap("eval_s", t)
     if keep_fp_out:
@@ -955,9 +907,7 @@ def _process_block(
     return _State(next_calib, next_evals), entry
 
 
-def _assemble(
-    ckpt: StreamingCheckpoint, manifest: dict, cfg, out: Path, tokenizer, max_shard_bytes: int, report: dict
-) -> None:
+def _assemble(ckpt: StreamingCheckpoint, manifest: dict, work: Path, cfg, out: Path, tokenizer, max_shard_bytes: int, report: dict) -> None:
     """The output folder in the in-memory pipeline's layout, one block file at a time."""
     meta = {
         "method": cfg.method,
@@ -969,7 +919,6 @@ def _assemble(
         "sparsity": cfg.sparsity,
         "eora_export_version": __version__,
     }
-    work = Path(manifest["work_dir"])
     blocks = [manifest["blocks"][str(i)] for i in range(ckpt.num_layers)]
     layers = {n: e for b in blocks for n, e in b["layers"].items()}
 
@@ -1016,11 +965,7 @@ def _assemble(
             (tmp / "adapter").mkdir()
         base_w = ShardedWriter(base_dir, base_specs, max_shard_bytes, {"format": "pt"})
         quant_w = SafetensorsWriter(base_dir / "quantization.safetensors", quant_specs, {"format": "eora"})
-        adapter_w = (
-            SafetensorsWriter(tmp / "adapter" / "adapter_model.safetensors", adapter_specs, {"format": "pt"})
-            if write_adapter
-            else None
-        )
+        adapter_w = SafetensorsWriter(tmp / "adapter" / "adapter_model.safetensors", adapter_specs, {"format": "pt"}) if write_adapter else None
 
         def copy_from_source(name: str) -> None:
             base_w.write(name, ckpt.read([name], f16)[name])
@@ -1053,9 +998,7 @@ def _assemble(
         if adapter_w is not None:
             adapter_w.close()
             ranks = {n: _Ranked(e["rank"]) for n, e in layers.items()}
-            (tmp / "adapter" / "adapter_config.json").write_text(
-                json.dumps(adapter_config(ranks, str(ckpt.path), meta), indent=2)
-            )
+            (tmp / "adapter" / "adapter_config.json").write_text(json.dumps(adapter_config(ranks, str(ckpt.path), meta), indent=2))
         write_json(report, tmp / "report.json")
         if report["layers"]:
             plot_layer_errors(report["layers"], tmp / "per_layer_error.png")
@@ -1184,7 +1127,6 @@ def run_streaming(
         manifest = {
             "version": MANIFEST_VERSION,
             "fingerprint": fingerprint,
-            "work_dir": str(work.resolve()),
             "num_layers": ckpt.num_layers,
             "next_block": 0,
             "state_file": None,
@@ -1281,11 +1223,7 @@ def run_streaming(
             "linears": len(targets),
             "shared_grams": sum(manifest["blocks"][str(i)]["shared_grams"] for i in range(ckpt.num_layers)),
         },
-        "eval": (
-            {"windows": int(eval_windows.shape[0]), "tokens": int(eval_windows.numel())}
-            if eval_windows is not None
-            else {}
-        ),
+        "eval": ({"windows": int(eval_windows.shape[0]), "tokens": int(eval_windows.numel())} if eval_windows is not None else {}),
         "perplexity": ppl,
         "sweep": {},
         "sizes": sizes,
@@ -1306,10 +1244,7 @@ def run_streaming(
     }
     rows = []
     if ppl:
-        rows = [
-            (label, ppl.get(label), b)
-            for label, b in (("fp16", sizes["fp16_linear_bytes"]), ("compressed", sizes["compressed_linear_bytes"]))
-        ]
+        rows = [(label, ppl.get(label), b) for label, b in (("fp16", sizes["fp16_linear_bytes"]), ("compressed", sizes["compressed_linear_bytes"]))]
         if cfg.method != "none":
             rows.append(
                 (
@@ -1332,7 +1267,7 @@ def run_streaming(
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     report["timings"]["assemble_s"] = 0.0
     report["timings"]["total_s"] = 0.0
-    _assemble(ckpt, manifest, cfg, out, tokenizer, opts.max_shard_bytes, report)
+    _assemble(ckpt, manifest, work, cfg, out, tokenizer, opts.max_shard_bytes, report)
     report["timings"]["assemble_s"] = time.perf_counter() - t
     report["timings"]["total_s"] = time.perf_counter() - t_start
     write_text(out / "report.json", json.dumps(report, indent=2, default=float))  # again, with the assembly time

@@ -379,3 +379,61 @@ def test_bench_kernels_fails_in_one_line_without_gpu():
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "no CUDA GPU" in lines[0], proc.stderr
+
+
+# --------------------------------------------------------------------------- registration without TensorRT
+
+
+@pytest.fixture(scope="session")
+def fake_nvinfer(tmp_path_factory) -> Path:
+    """A stand-in libnvinfer.so.11 whose plugin registry records registrations (trt_plugins/tests/fakeNvinfer.cpp)."""
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("g++ not found: the fake libnvinfer needs a C++17 host compiler")
+    trt_inc = Path(os.environ.get("TensorRT_INCLUDE_DIR", REPO.parent / "shared/third_party/tensorrt-11.1/include"))
+    nvcc = tp._find_nvcc()
+    roots = [Path(nvcc).resolve().parents[1]] if nvcc else []
+    roots += [Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")), *sorted(Path("/usr/local").glob("cuda-*"))]
+    cuda_inc = next((r / "include" for r in roots if (r / "include" / "cuda_runtime_api.h").is_file()), None)
+    if not (trt_inc / "NvInferRuntime.h").is_file() or cuda_inc is None:
+        pytest.skip("TensorRT or CUDA headers not found: cannot build the fake libnvinfer")
+    out = tmp_path_factory.mktemp("fake_trt") / "libnvinfer.so.11"
+    cmd = [cxx, "-std=c++17", "-shared", "-fPIC", "-O1", "-Wno-deprecated-declarations", f"-I{trt_inc}",
+           f"-I{cuda_inc}", "-Wl,-soname,libnvinfer.so.11", str(TEST_DIR / "fakeNvinfer.cpp"), "-o", str(out), "-ldl"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def _registration_run(fake: Path, lib: Path, body: str, env: dict | None = None) -> str:
+    code = (
+        "import ctypes\n"
+        f"fake = ctypes.CDLL({str(fake)!r})\n"  # RTLD_LOCAL, as `import tensorrt` loads libnvinfer
+        "fake.fakeRegistrations.restype = ctypes.c_char_p\n"
+        "fake.fakeLoadLibrary.argtypes = [ctypes.c_char_p]\n"
+        f"LIB = {str(lib)!r}\n" + body + "\nprint('REG', fake.fakeRegistrations().decode().split())\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, **(env or {})})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
+def test_loading_after_tensorrt_registers_the_creator(plugin_build, fake_nvinfer):
+    """LD_PRELOAD / Polygraphy --plugins / Triton: a plain dlopen after libnvinfer registers statically."""
+    out = _registration_run(fake_nvinfer, plugin_build / tp.LIB_NAME, "ctypes.CDLL(LIB)")
+    assert "REG ['eora::EoraLinear/1@static']" in out, out
+
+
+def test_tensorrt_load_library_registers_once(plugin_build, fake_nvinfer):
+    """IPluginRegistry::loadLibrary (trtexec --dynamicPlugins): getCreators only, no duplicate registration."""
+    out = _registration_run(fake_nvinfer, plugin_build / tp.LIB_NAME, "print('N', fake.fakeLoadLibrary(LIB.encode()))")
+    assert "N 1" in out and "REG ['eora::EoraLinear/1@library']" in out, out
+
+
+def test_auto_registration_can_be_turned_off(plugin_build, fake_nvinfer):
+    body = ("lib = ctypes.CDLL(LIB)\n"
+            "print('BEFORE', fake.fakeRegistrations().decode().split())\n"
+            "print('CALL', lib.eoraRegisterPlugins(), lib.eoraRegisterPlugins())")
+    out = _registration_run(fake_nvinfer, plugin_build / tp.LIB_NAME, body, {"EORA_PLUGIN_AUTO_REGISTER": "0"})
+    assert "BEFORE []" in out and "CALL 1 1" in out and "REG ['eora::EoraLinear/1@static']" in out, out

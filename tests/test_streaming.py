@@ -26,6 +26,7 @@ from eora_export.streaming import (
     ShardedWriter,
     StreamingCheckpoint,
     StreamOptions,
+    count_parameters,
     run_streaming,
 )
 
@@ -115,6 +116,8 @@ def _assert_same_files(a: Path, b: Path, rels=("base/model", "base/quantization.
 def test_loader_holds_one_block_at_a_time(sharded_dir: Path):
     ckpt = StreamingCheckpoint(sharded_dir)
     assert ckpt.num_layers == 2 and len(set(ckpt.weight_map.values())) == 2
+    stored = {k: v for f in sorted(sharded_dir.glob("model-*.safetensors")) for k, v in load_file(f).items()}
+    assert count_parameters(sharded_dir) == sum(t.numel() for t in stored.values())
     layer = ckpt.load_layer(0)
     assert len(ckpt.live) == TENSORS_PER_BLOCK
     assert all(p.dtype == torch.float32 and p.device.type == "cpu" for p in layer.parameters())

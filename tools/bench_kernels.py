@@ -11,7 +11,9 @@ Columns, for each (K x N) shape and batch M:
 Each column reports microseconds per call, achieved GB/s (bytes the call must read: weights,
 scales, factors, activations, output) and the share of the HBM peak (--peak-gbps). Weights are
 rotated over enough copies (at least 8) that the working set exceeds the 50 MB L2 several times,
-so small matrices are not flattered by cache hits; timing uses CUDA events after a warm-up.
+so small matrices are not flattered by cache hits; timing uses CUDA events after a warm-up, around
+a CUDA graph of the calls (so Python's launch overhead does not hide the kernels; --no-graph to
+time eager launches).
 
     python tools/bench_kernels.py                      # table + bench_kernels.{json,png} in --out
     python tools/bench_kernels.py --ms 1 16 256 --shapes 4096x4096
@@ -45,6 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--min-copies", type=int, default=8, help="weight copies rotated (more if L2 needs it)")
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--iters", type=int, default=200)
+    p.add_argument("--no-graph", action="store_true", help="time eager launches instead of a CUDA graph")
     p.add_argument("--out", type=Path, default=Path("bench-out"), help="folder for the JSON and PNG")
     return p.parse_args(argv)
 
@@ -108,18 +111,39 @@ class Case:
             self.sp.append(t)
 
 
-def time_calls(torch: Any, fn: Any, n_copies: int, warmup: int, iters: int) -> float:
-    """Microseconds per call, fn(i) using copy i % n_copies."""
+def time_calls(torch: Any, fn: Any, n_copies: int, warmup: int, iters: int, graph: bool) -> tuple[float, bool]:
+    """Microseconds per call of fn(i), which uses weight copy i % n_copies; and whether a graph was used.
+
+    A call is a few microseconds of GPU time but tens of microseconds of Python (ctypes) on the host, so
+    timed eagerly the GPU would idle between launches. With graph=True the iters calls are captured in one
+    CUDA graph and replayed, so the events time the kernels back to back, as an engine runs them.
+    """
     for i in range(warmup):
         fn(i % n_copies)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    if graph:
+        try:
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                for i in range(iters):
+                    fn(i % n_copies)
+            g.replay()  # warm the graph itself
+            torch.cuda.synchronize()
+            start.record()
+            g.replay()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) * 1000.0 / iters, True
+        except RuntimeError as e:  # capture unsupported here: fall back to eager timing, and say so
+            print(f"bench_kernels: CUDA graph capture failed ({e}); timing eagerly", file=sys.stderr)
+            torch.cuda.synchronize()
     start.record()
     for i in range(iters):
         fn(i % n_copies)
     end.record()
     end.synchronize()
-    return start.elapsed_time(end) * 1000.0 / iters
+    return start.elapsed_time(end) * 1000.0 / iters, False
 
 
 def bench_shape(torch: Any, tp: Any, case: Case, m: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -151,12 +175,13 @@ def bench_shape(torch: Any, tp: Any, case: Case, m: int, args: argparse.Namespac
                            "path": tp.select_path(case.attrs, m)}
     for name in METHODS:
         fn, copies = fns[name]
-        us = time_calls(torch, fn, copies, args.warmup, args.iters)
+        us, graphed = time_calls(torch, fn, copies, args.warmup, args.iters, not args.no_graph)
         nbytes = case.bytes[name] + act
         if name == "sparse24" and row["path"] != "gemv":
             nbytes = case.bytes["fused"] + act  # past the GEMV the dense tensor-core path reads dense w
         gbps = nbytes / (us * 1e-6) / 1e9
-        row[name] = {"us": us, "bytes": nbytes, "gbps": gbps, "pct_peak": 100.0 * gbps / args.peak_gbps}
+        row[name] = {"us": us, "bytes": nbytes, "gbps": gbps, "pct_peak": 100.0 * gbps / args.peak_gbps,
+                     "cuda_graph": graphed}
     return row
 
 

@@ -85,12 +85,15 @@ def _layer_shapes(cfg: dict) -> list[tuple[str, tuple[int, ...]]]:
     ]
 
 
-def build_checkpoint(folder: Path, layers: int, seed: int = 0) -> None:
-    """Sharded float16 checkpoint, written one tensor at a time (a few hundred MB of RAM)."""
+def build_checkpoint(folder: Path, shape: dict, layers: int, seed: int = 0) -> None:
+    """Sharded float16 checkpoint, written one tensor at a time (a few hundred MB of RAM).
+
+    shape: the config fields (``LLAMA2_7B``), passed explicitly so a spawned builder
+    process uses the caller's values."""
     from eora_export.streaming import SafetensorsWriter
 
     folder.mkdir(parents=True, exist_ok=True)
-    cfg = {**LLAMA2_7B, "num_hidden_layers": layers}
+    cfg = {**shape, "num_hidden_layers": layers}
     h, v = cfg["hidden_size"], cfg["vocab_size"]
     shards: list[list[tuple[str, tuple[int, ...]]]] = [[("model.embed_tokens.weight", (v, h))]]
     shards += [[(f"model.layers.{i}.{k}", s) for k, s in _layer_shapes(cfg)] for i in range(layers)]
@@ -261,7 +264,7 @@ def run(args: argparse.Namespace) -> dict:
     if not _checkpoint_ok(ckpt, args.layers):
         shutil.rmtree(ckpt, ignore_errors=True)
         # In a child process, so the benchmark's peak RSS is the pipeline's alone.
-        proc = mp.get_context("spawn").Process(target=build_checkpoint, args=(ckpt, args.layers, args.seed))
+        proc = mp.get_context("spawn").Process(target=build_checkpoint, args=(ckpt, dict(LLAMA2_7B), args.layers, args.seed))
         proc.start()
         proc.join()
         if proc.exitcode != 0:

@@ -33,6 +33,7 @@ import math
 import os
 import pkgutil
 import re
+import shlex
 import sys
 import sysconfig
 import time
@@ -196,16 +197,17 @@ def _member_docs(obj: object) -> Iterator[object]:
 
 def stdlib_documents() -> list[Document]:
     """One document per stdlib module: its docstring, then those of what it defines."""
+    with warnings.catch_warnings():  # reading e.g. typing.io's attributes warns
+        warnings.simplefilter("ignore")
+        return _collect_stdlib_documents()
+
+
+def _collect_stdlib_documents() -> list[Document]:
     seen: set[str] = set()
     docs = []
     for name in _stdlib_module_names():
         try:
-            with (
-                warnings.catch_warnings(),
-                contextlib.redirect_stdout(io.StringIO()),
-                contextlib.redirect_stderr(io.StringIO()),
-            ):
-                warnings.simplefilter("ignore")
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
                 module = importlib.import_module(name)
         except BaseException:  # any failure, even SystemExit, means "skip it"
             continue
@@ -368,9 +370,7 @@ def train_tokenizer(docs: list[Document]) -> PreTrainedTokenizerFast:
     )
     tok.train_from_iterator((d.text for d in docs), trainer=trainer, length=len(docs))
     bos = tok.token_to_id("<s>")
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
-    )
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<s>",
@@ -381,13 +381,24 @@ def train_tokenizer(docs: list[Document]) -> PreTrainedTokenizerFast:
     )
 
 
+def save_tokenizer(tokenizer: PreTrainedTokenizerFast, out: Path) -> None:
+    """save_pretrained, plus files that keep the folder loadable by transformers 4.x as well."""
+    tokenizer.save_pretrained(out)
+    cfg_path = out / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"  # v5 writes "TokenizersBackend", unknown to v4
+    cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
+    special = {k: getattr(tokenizer, k) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
+    (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+
+
 def encode_stream(tokenizer: PreTrainedTokenizerFast, docs: list[Document]) -> torch.Tensor:
     """Token stream ``<s> doc </s> <s> doc </s> ...`` for training."""
-    enc = tokenizer([d.text for d in docs], add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    enc = tokenizer.backend_tokenizer.encode_batch([d.text for d in docs], add_special_tokens=False)
     ids: list[int] = []
     for seq in enc:
         ids.append(tokenizer.bos_token_id)
-        ids.extend(seq)
+        ids.extend(seq.ids)
         ids.append(tokenizer.eos_token_id)
     return torch.tensor(ids, dtype=torch.long)
 
@@ -400,7 +411,7 @@ def windows(ids: torch.Tensor, length: int = SEQ_LEN) -> torch.Tensor:
 
 def text_windows(tokenizer: PreTrainedTokenizerFast, text: str) -> torch.Tensor:
     """The evaluation protocol: tokenise the whole text (no BOS), 256-token windows."""
-    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    ids = tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids
     return windows(torch.tensor(ids, dtype=torch.long))
 
 
@@ -434,9 +445,7 @@ def mean_nll(model: LlamaForCausalLM, wins: torch.Tensor, batch: int = 16) -> fl
     for i in range(0, wins.shape[0], batch):
         x = wins[i : i + batch]
         logits = model(input_ids=x).logits.float()
-        nll = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum"
-        )
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum")
         total += nll.item()
         count += x[:, 1:].numel()
     model.train()
@@ -451,6 +460,40 @@ def lr_at(progress: float, peak: float, warmup: float, floor: float = 0.1) -> fl
     return peak * (floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t)))
 
 
+class ThreadTuner:
+    """Pick the faster torch thread count in chunks of steps (a shared CPU can make 1 beat 2)."""
+
+    def __init__(self, choices: list[int], chunk: int = 20, explore_every: int = 6) -> None:
+        self.choices, self.chunk, self.explore_every = choices, chunk, explore_every
+        self.speed: dict[int, float] = {}  # seconds per step, latest chunk
+        self.current = choices[0]
+        self.chunks = 0
+        self.chunk_start = time.time()
+        self.chunk_steps = 0
+        torch.set_num_threads(self.current)
+
+    def pause(self) -> None:
+        """Exclude what follows (evaluation) from the timing."""
+        self.chunk_start, self.chunk_steps = time.time(), 0
+
+    def stepped(self) -> None:
+        """Call after every optimizer step."""
+        self.chunk_steps += 1
+        if len(self.choices) == 1 or self.chunk_steps < self.chunk:
+            return
+        self.speed[self.current] = (time.time() - self.chunk_start) / self.chunk_steps
+        self.chunks += 1
+        untried = [c for c in self.choices if c not in self.speed]
+        if untried:
+            self.current = untried[0]
+        elif self.chunks % self.explore_every == 0:  # re-measure the other choice now and then
+            self.current = min((c for c in self.choices if c != self.current), key=lambda c: self.speed[c])
+        else:
+            self.current = min(self.choices, key=lambda c: self.speed[c])
+        torch.set_num_threads(self.current)
+        self.pause()
+
+
 @dataclass
 class TrainResult:
     """What the training loop reports."""
@@ -463,6 +506,7 @@ class TrainResult:
     stop_reason: str
     train_loss_at_best: float
     history: list[dict[str, float]]
+    thread_steps: dict[int, int]
 
 
 def train(
@@ -500,6 +544,8 @@ def train(
     stop_reason = "steps"
     start = time.time()
     step = 0
+    tuner = ThreadTuner([args.threads] if args.threads > 0 else [2, 1])
+    thread_steps: dict[int, int] = {}
     model.train()
     bar = tqdm(total=args.steps, desc="train", mininterval=5.0, dynamic_ncols=True)
     for x in batches():
@@ -517,18 +563,20 @@ def train(
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
+        thread_steps[tuner.current] = thread_steps.get(tuner.current, 0) + 1
+        tuner.stepped()
         recent = [*recent, loss.item()][-args.eval_every :]
         bar.update(1)
         bar.set_postfix(loss=f"{sum(recent) / len(recent):.3f}", lr=f"{lr:.2e}", refresh=False)
         if step % args.eval_every == 0:
             nll = mean_nll(model, eval_wins)
+            tuner.pause()
             train_avg = sum(recent) / len(recent)
-            history.append(
-                {"step": step, "train_loss": train_avg, "heldout_nll": nll, "lr": lr, "elapsed_s": time.time() - start}
-            )
+            history.append({"step": step, "train_loss": train_avg, "heldout_nll": nll, "lr": lr, "elapsed_s": time.time() - start})
+            speeds = " ".join(f"{k}t:{v:.2f}s/step" for k, v in sorted(tuner.speed.items()))
             tqdm.write(
                 f"step {step:5d}  train {train_avg:.4f}  heldout nll {nll:.4f} "
-                f"(ppl {math.exp(nll):.2f})  lr {lr:.2e}  {time.time() - start:.0f}s"
+                f"(ppl {math.exp(nll):.2f})  lr {lr:.2e}  {time.time() - start:.0f}s  [{speeds}]"
             )
             if nll < best_nll - 1e-3:
                 best_nll, best_step, bad_evals = nll, step, 0
@@ -543,16 +591,22 @@ def train(
     if step % args.eval_every != 0:  # final partial interval
         nll = mean_nll(model, eval_wins)
         train_avg = sum(recent) / max(1, len(recent))
-        history.append(
-            {"step": step, "train_loss": train_avg, "heldout_nll": nll, "lr": 0.0, "elapsed_s": time.time() - start}
-        )
+        history.append({"step": step, "train_loss": train_avg, "heldout_nll": nll, "lr": 0.0, "elapsed_s": time.time() - start})
         tqdm.write(f"final step {step}: train {train_avg:.4f}  heldout nll {nll:.4f}")
         if nll < best_nll - 1e-3:
             best_nll, best_step = nll, step
             best_state = copy.deepcopy(model.state_dict())
             train_loss_at_best = train_avg
     return TrainResult(
-        best_state, best_step, best_nll, step, time.time() - start, stop_reason, train_loss_at_best, history
+        best_state,
+        best_step,
+        best_nll,
+        step,
+        time.time() - start,
+        stop_reason,
+        train_loss_at_best,
+        history,
+        thread_steps,
     )
 
 
@@ -611,10 +665,10 @@ def write_model_card(out: Path, facts: dict) -> None:
         ]
     )
     split_rows = "\n".join(
-        f"| {s} | {f['split_docs'][s]:,} | {f['split_chars'][s]:,} | {f['split_tokens'][s]:,} |"
-        for s in ("train", "calib", "heldout")
+        f"| {s} | {f['split_docs'][s]:,} | {f['split_chars'][s]:,} | {f['split_tokens'][s]:,} |" for s in ("train", "calib", "heldout")
     )
     ppl = f["ppl"]
+    tok_files = "`tokenizer.json`, `tokenizer_config.json`, `special_tokens_map.json`"
     d_int4 = 100 * (ppl["int4_rtn_g128"] / ppl["fp16"] - 1)
     d_24 = 100 * (ppl["sparse24_magnitude"] / ppl["fp16"] - 1)
     text = f"""# eora-export demo model
@@ -640,7 +694,7 @@ run: `{f["corpus_sha256"]}`.)
 |---|---|
 | `config.json`, `generation_config.json` | the Llama configuration |
 | `model.safetensors` | weights, **float16** |
-| `tokenizer.json`, `tokenizer_config.json` | byte-level BPE, vocab {VOCAB_SIZE}; `<s>` prepended by default |
+| {tok_files} | byte-level BPE, vocab {VOCAB_SIZE}; `<s>` prepended by default |
 | `calib.txt` | the calibration split (documents separated by blank lines), {f["calib_bytes"]:,} bytes |
 | `heldout.txt` | the held-out split, same format, {f["heldout_bytes"]:,} bytes |
 | `train_metrics.json` | the figures below, machine-readable, plus the eval history |
@@ -690,10 +744,12 @@ on the text files as written.)
 
 AdamW (betas 0.9/0.95, weight decay {f["weight_decay"]} on matrices), peak LR {f["lr"]},
 linear warmup {f["warmup"]} steps then cosine decay to 10%, gradient clipping 1.0,
-{f["batch"]} sequences x {SEQ_LEN} tokens per step, fp32 on {f["threads"]} CPU threads
-(bf16 autocast was ~30x slower on this AVX2 CPU). The schedule's progress is
+{f["batch"]} sequences x {SEQ_LEN} tokens per step, fp32 on CPU (bf16 autocast was ~30x slower on this
+AVX2 CPU). Steps run per torch thread count: {f["thread_steps"]} (with `--threads 0` the count is re-picked
+every 20 steps by measured speed: on a CPU shared with other jobs one thread often beats two). The schedule's progress is
 max(step / {f["steps_planned"]}, elapsed / {f["max_minutes"]} min), so it always finishes its decay
-within the time budget. Held-out loss every {f["eval_every"]} steps; the best checkpoint is kept,
+within the time budget. Held-out loss (first {f["eval_windows"]} held-out windows) every {f["eval_every"]} steps;
+the best checkpoint is kept,
 with early stopping after {f["patience"]} evaluations without improvement.
 
 | | |
@@ -731,18 +787,19 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory")
     ap.add_argument("--steps", type=int, default=2400, help="planned optimizer steps")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--max-minutes", type=float, default=33.0, help="training wall-time budget")
+    ap.add_argument("--max-minutes", type=float, default=35.0, help="training wall-time budget")
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--warmup", type=int, default=60)
     ap.add_argument("--weight-decay", type=float, default=0.1)
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--patience", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads; 0 = pick 1 or 2 by measured speed")
+    ap.add_argument("--eval-windows", type=int, default=128, help="held-out windows used for early stopping")
     args = ap.parse_args()
 
     t0 = time.time()
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads if args.threads > 0 else 2)
     torch.manual_seed(args.seed)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -768,8 +825,8 @@ def main() -> None:
     heldout_wins = text_windows(tokenizer, heldout_text)
     split_tokens = {
         "train": int(train_ids.numel() - 2 * len(corpus.train)),
-        "calib": len(tokenizer(calib_text, add_special_tokens=False)["input_ids"]),
-        "heldout": len(tokenizer(heldout_text, add_special_tokens=False)["input_ids"]),
+        "calib": len(tokenizer.backend_tokenizer.encode(calib_text, add_special_tokens=False).ids),
+        "heldout": len(tokenizer.backend_tokenizer.encode(heldout_text, add_special_tokens=False).ids),
     }
     split_docs = {"train": len(corpus.train), "calib": len(calib_docs), "heldout": len(heldout_docs)}
     split_chars = {
@@ -785,7 +842,7 @@ def main() -> None:
     params_lin = sum(m.weight.numel() for m in decoder_linears(model))
     print(f"model: {params:,} parameters", flush=True)
 
-    result = train(model, train_ids, heldout_wins, args)
+    result = train(model, train_ids, heldout_wins[: args.eval_windows], args)
     model.load_state_dict(result.best_state)
     print(
         f"training done: {result.steps_run} steps in {result.wall_s / 60:.1f} min ({result.stop_reason}); "
@@ -797,13 +854,15 @@ def main() -> None:
     for stale in ("model.safetensors", "pytorch_model.bin"):
         (out / stale).unlink(missing_ok=True)
     model.half().save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    save_tokenizer(tokenizer, out)
     (out / "calib.txt").write_text(calib_text)
     (out / "heldout.txt").write_text(heldout_text)
 
     # Evaluate exactly what was saved.
     fp = load_fp32(out)
-    train_eval = windows(train_ids)[:: max(1, len(windows(train_ids)) // len(heldout_wins))][: len(heldout_wins)]
+    n_small = min(args.eval_windows, len(heldout_wins))
+    train_all = windows(train_ids)
+    train_eval = train_all[:: max(1, len(train_all) // n_small)][:n_small]
     nll_train = mean_nll(fp, train_eval)
     ppl = {"fp16": math.exp(mean_nll(fp, heldout_wins))}
     q = load_fp32(out)
@@ -812,26 +871,16 @@ def main() -> None:
     s = load_fp32(out)
     prune_24_(s)
     ppl["sparse24_magnitude"] = math.exp(mean_nll(s, heldout_wins))
-    ppl_calib = math.exp(mean_nll(fp, calib_wins))
+    ppl_calib = math.exp(mean_nll(fp, calib_wins[:n_small]))
 
     print(f"held-out perplexity  FP16 (fp32 compute): {ppl['fp16']:.3f}")
-    print(
-        f"held-out perplexity  INT4 RTN g128:       {ppl['int4_rtn_g128']:.3f} "
-        f"({100 * (ppl['int4_rtn_g128'] / ppl['fp16'] - 1):+.1f}%)"
-    )
-    print(
-        f"held-out perplexity  2:4 magnitude:       {ppl['sparse24_magnitude']:.3f} "
-        f"({100 * (ppl['sparse24_magnitude'] / ppl['fp16'] - 1):+.1f}%)"
-    )
-    print(f"calibration perplexity FP16: {ppl_calib:.3f};  train-split loss {nll_train:.4f}")
+    print(f"held-out perplexity  INT4 RTN g128:       {ppl['int4_rtn_g128']:.3f} ({100 * (ppl['int4_rtn_g128'] / ppl['fp16'] - 1):+.1f}%)")
+    print(f"held-out perplexity  2:4 magnitude:       {ppl['sparse24_magnitude']:.3f} ({100 * (ppl['sparse24_magnitude'] / ppl['fp16'] - 1):+.1f}%)")
+    print(f"calibration perplexity FP16 ({n_small} windows): {ppl_calib:.3f};  train-split loss {nll_train:.4f}")
 
-    try:
-        cmd_out = out.resolve().relative_to(Path.cwd().resolve())
-    except ValueError:
-        cmd_out = out
-    steps_flag = f" --steps {args.steps} --seed {args.seed} --max-minutes {args.max_minutes:g}"
+    command = "python tools/train_demo.py " + shlex.join(sys.argv[1:])
     facts = {
-        "command": f"python tools/train_demo.py --out {cmd_out}{steps_flag}",
+        "command": command.strip(),
         "python": ".".join(map(str, sys.version_info[:3])),
         "torch": torch.__version__,
         "seed": args.seed,
@@ -853,9 +902,11 @@ def main() -> None:
         "weight_decay": args.weight_decay,
         "batch": args.batch,
         "threads": args.threads,
+        "thread_steps": {str(k): v for k, v in sorted(result.thread_steps.items())},
         "steps_planned": args.steps,
         "max_minutes": args.max_minutes,
         "eval_every": args.eval_every,
+        "eval_windows": min(args.eval_windows, len(heldout_wins)),
         "patience": args.patience,
         "steps_run": result.steps_run,
         "stop_reason": result.stop_reason,

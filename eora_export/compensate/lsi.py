@@ -295,7 +295,8 @@ def _capture_block_inputs(
     arguments the model passes to its blocks (rotary embeddings, mask), per batch size.
 
     Every window has the same length and no padding (calibration.token_windows), so the
-    arguments depend on the batch size at most.
+    arguments depend on the batch size at most. The stream lives in CPU memory; batches
+    move to the model's device when they are used.
     """
     store: dict[str, object] = {}
 
@@ -304,6 +305,7 @@ def _capture_block_inputs(
         store["kw"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
         raise _StopForward
 
+    device = next(first.parameters()).device
     handle = first.register_forward_pre_hook(hook, with_kwargs=True)
     stream: Tensor | None = None
     kwargs_by_bs: dict[int, dict] = {}
@@ -311,7 +313,7 @@ def _capture_block_inputs(
         for i in range(0, windows.shape[0], batch_size):
             ids = windows[i : i + batch_size]
             try:
-                model(ids, use_cache=False)
+                model(ids.to(device), use_cache=False)
             except _StopForward:
                 pass
             x = store["x"]
@@ -319,7 +321,7 @@ def _capture_block_inputs(
             if stream is None:
                 dtype = _stream_dtype(cfg, windows.shape[0], x.shape[1], x.shape[2], x.dtype)
                 stream = torch.empty(windows.shape[0], x.shape[1], x.shape[2], dtype=dtype)
-            stream[i : i + ids.shape[0]] = x
+            stream[i : i + ids.shape[0]] = x.cpu()
             kw = dict(store["kw"])  # type: ignore[arg-type]
             kw["past_key_values"] = None
             kw["use_cache"] = False
@@ -330,8 +332,9 @@ def _capture_block_inputs(
     return stream, kwargs_by_bs
 
 
-def _run_block(block: nn.Module, x: Tensor, kwargs: dict) -> Tensor:
-    out = block(x, **kwargs)
+def _run_block(block: nn.Module, x: Tensor, kwargs: dict, dtype: torch.dtype) -> Tensor:
+    """block(x) for x: [b, seq, hidden] (any device/dtype) on the block's device, in ``dtype``."""
+    out = block(x.to(next(block.parameters()).device, dtype), **kwargs)
     return out[0] if isinstance(out, tuple) else out
 
 
@@ -340,7 +343,7 @@ def _propagate(block: nn.Module, stream: Tensor, kwargs_by_bs: dict[int, dict], 
     """stream[j] <- block(stream[j]) in place, batch by batch ([n, seq, hidden])."""
     for i in range(0, stream.shape[0], batch_size):
         x = stream[i : i + batch_size]
-        stream[i : i + batch_size] = _run_block(block, x.to(dtype), kwargs_by_bs[x.shape[0]]).to(stream.dtype)
+        stream[i : i + batch_size] = _run_block(block, x, kwargs_by_bs[x.shape[0]], dtype).to("cpu", stream.dtype)
 
 
 @torch.no_grad()
@@ -350,8 +353,8 @@ def _stream_mse(
     """Mean squared error of block(q) against target over all windows."""
     total, count = 0.0, 0
     for i in range(0, q.shape[0], batch_size):
-        y = _run_block(block, q[i : i + batch_size].to(dtype), kwargs_by_bs[min(batch_size, q.shape[0] - i)])
-        total += float((y.float() - target[i : i + batch_size].float()).square().sum())
+        y = _run_block(block, q[i : i + batch_size], kwargs_by_bs[min(batch_size, q.shape[0] - i)], dtype)
+        total += float((y.float() - target[i : i + batch_size].to(y.device).float()).square().sum())
         count += y.numel()
     return total / max(count, 1)
 
@@ -468,8 +471,8 @@ def lsi_compress(
                 for j in range(0, n_win, cfg.batch_size):
                     idx = perm[j : j + cfg.batch_size]
                     with torch.enable_grad():
-                        y = _run_block(block, q[idx].to(dtype), kwargs_by_bs[idx.numel()])
-                        loss = F.mse_loss(y.float(), fp[idx].float()) / power
+                        y = _run_block(block, q[idx], kwargs_by_bs[idx.numel()], dtype)
+                        loss = F.mse_loss(y.float(), fp[idx].to(y.device).float()) / power
                         opt.zero_grad(set_to_none=True)
                         loss.backward()
                     opt.step()

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from ..calibration import GramStore
 from ..errors import BadInput, UsageError
 from ..quant import QuantizedMatrix, quantize
-from .gptq import gptq
+from .gptq import gptq, single_thread
 from .int4 import AwqFold, awq_fold, output_error, rtn
 from .sparse24 import is_24, magnitude_24, modelopt_masks, refit_24, sparsegpt_24
 
@@ -152,7 +152,8 @@ def compress_model(
     sparsegpt_backend: "auto" (ModelOpt on a deep copy when it is ≤ 2 GiB, else or on any
     ModelOpt failure our own SparseGPT), "modelopt" (ModelOpt or raise), "own".
     """
-    _validate(linears, grams, cfg)
+    with single_thread():
+        _validate(linears, grams, cfg)
     if sparsegpt_backend not in SPARSEGPT_BACKENDS:
         raise UsageError(f"unknown SparseGPT backend {sparsegpt_backend!r}; use one of {SPARSEGPT_BACKENDS}")
     t0 = time.perf_counter()
@@ -193,8 +194,9 @@ def compress_model(
         else:
             qm = quantize(work[n], 16, 0)
         sparse = keep[n] is not None
-        if sparse and not (is_24(qm.q) and is_24(qm.dequantize())):
-            raise AssertionError(f"{n}: compressed weight lost its 2:4 pattern")
+        with single_thread():
+            if sparse and not (is_24(qm.q) and is_24(qm.dequantize())):
+                raise AssertionError(f"{n}: compressed weight lost its 2:4 pattern")
         desc = " + ".join(parts + ([f"{cfg.quant} int{cfg.bits} g{cfg.group_size}"] if cfg.quant != "none" else []))
         out[n] = CompressedLinear(qm, ref[n], sparse, desc or "fp16", folds.get(n))
     log.info("compressed %d Linears (%s) in %.1f s", len(out), out[names[0]].method, time.perf_counter() - t0)

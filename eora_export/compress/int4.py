@@ -37,16 +37,23 @@ from torch import Tensor, nn
 
 from ..calibration import GramStore
 from ..quant import QuantizedMatrix, quantize
+from .gptq import single_thread
 
 log = logging.getLogger(__name__)
 
 AWQ_GRID = 11  # α = 0, 0.1, …, 1.0
+# The search scores α on at most this many output rows per Linear (evenly spaced, the same
+# rows for every α; rows quantize independently, so the score is exact on those rows). All
+# rows below it, so the "never worse than RTN" guarantee is exact for small layers; a 4096²
+# layer costs 512·4096² per grid point instead of 4096³.
+AWQ_MAX_ROWS = 512
 _LAYER_RE = re.compile(r"^(?P<layer>.+)\.(?P<block>self_attn|mlp)\.(?P<proj>[qkvo]_proj|gate_proj|up_proj|down_proj)$")
 
 
 def rtn(w: Tensor, bits: int, group_size: int, clip_search: bool = True) -> QuantizedMatrix:
     """Round-to-nearest group-wise quantization (the shared quantizer)."""
-    return quantize(w.detach().float(), bits, group_size, clip_search)
+    with single_thread():
+        return quantize(w.detach().float(), bits, group_size, clip_search)
 
 
 def output_error(e: Tensor, gram: Tensor) -> float:
@@ -73,6 +80,7 @@ def awq_scales(
     clip_search: bool,
     expand=None,
     grid: int = AWQ_GRID,
+    max_rows: int = AWQ_MAX_ROWS,
 ) -> tuple[Tensor, float, float, float]:
     """Search α; returns (s float32 over ``act``'s channels, α, best error, error at α = 0).
 
@@ -80,8 +88,15 @@ def awq_scales(
     ``[out, in]``; a row weight r undoes an earlier row fold (v_proj / up_proj rows ÷ r), so
     errors are measured in the original output units: E → diag(r) E.
     expand: maps a scale over ``act``'s channels to the ``in`` channels (GQA), or None.
+    Errors are scored on at most ``max_rows`` rows of each Linear.
     """
     g32 = gram.to(torch.float32)
+    sampled = []
+    for work, ref, rows in terms:
+        if work.shape[0] > max_rows:
+            idx = torch.linspace(0, work.shape[0] - 1, max_rows).round().long()
+            work, ref, rows = work[idx], ref[idx], rows[idx] if rows is not None else None
+        sampled.append((work, ref, rows))
     best = (None, 0.0, float("inf"))
     base = float("inf")
     for i in range(grid):
@@ -93,8 +108,8 @@ def awq_scales(
             s = (s / (s.max() * s.min()).sqrt()).to(torch.float32)
         full = expand(s) if expand is not None else s
         err = 0.0
-        for work, ref, rows in terms:
-            e = quantize(work * full, bits, group_size, clip_search).dequantize().float() / full - ref
+        for work, ref, rows in sampled:
+            e = rtn(work * full, bits, group_size, clip_search).dequantize().float() / full - ref
             if rows is not None:
                 e = e * rows.unsqueeze(1)
             err += output_error(e, g32)

@@ -26,7 +26,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from .gptq import DEFAULT_DAMP, obs_compress
+from .gptq import DEFAULT_DAMP, obs_compress, single_thread
 
 
 def is_24(w: Tensor) -> bool:
@@ -41,10 +41,11 @@ def magnitude_24(w: Tensor) -> tuple[Tensor, Tensor]:
     """(float32 W ⊙ mask, bool mask): the 2 largest |w| of every 4 consecutive inputs kept."""
     rows, cols = w.shape
     w = w.detach().float()
-    quads = w.abs().reshape(rows, cols // 4, 4)
-    top = quads.topk(2, dim=-1).indices
-    keep = torch.zeros_like(quads, dtype=torch.bool).scatter_(-1, top, True).reshape(rows, cols)
-    return w * keep, keep
+    with single_thread():
+        quads = w.abs().reshape(rows, cols // 4, 4)
+        top = quads.topk(2, dim=-1).indices
+        keep = torch.zeros_like(quads, dtype=torch.bool).scatter_(-1, top, True).reshape(rows, cols)
+        return w * keep, keep
 
 
 def sparsegpt_24(w: Tensor, gram: Tensor, damp: float = DEFAULT_DAMP, name: str = "layer") -> tuple[Tensor, Tensor]:

@@ -514,7 +514,7 @@ constexpr int32_t kGemvRowAlign = 64;   //!< split-K row ranges are multiples of
 constexpr int32_t kTcTileN = 128;
 constexpr int32_t kTcTileK = 32;
 constexpr int32_t kTargetCtas = 264;    //!< 2 x 132 SMs (H100 SXM); device independent so workspace is too
-constexpr int32_t kMaxSplits = 16;
+constexpr int32_t kMaxSplits = 32;      //!< thin GEMMs (t = x.A: N = r) need many splits to fill the GPU
 constexpr int32_t kSemaphoreRegion = 512;               //!< counters per kernel (t kernel, main kernel)
 constexpr int32_t kSemaphoreCount = 2 * kSemaphoreRegion;
 constexpr int32_t kDefaultGemvMaxM = 8;
@@ -554,8 +554,8 @@ EORA_HD KernelPlan planKernel(int32_t path, int64_t M, int64_t N, int64_t rows0,
     int64_t const tiles = static_cast<int64_t>(p.mTiles) * p.nTiles;
     int64_t splits = ceilDiv(kTargetCtas, tiles);
     splits = splits > kMaxSplits ? kMaxSplits : splits;
-    // Keep each split worth its fix-up: >= 256 rows (GEMV) or >= 4 K tiles (tensor core).
-    int64_t const maxByWork = gemv ? p.totalUnits / 256 : p.totalUnits / 4;
+    // Keep each split worth its fix-up: >= 128 rows (GEMV: 8 rows per row lane) or >= 4 K tiles (tensor core).
+    int64_t const maxByWork = gemv ? p.totalUnits / 128 : p.totalUnits / 4;
     splits = splits > maxByWork ? maxByWork : splits;
     if (splits < 1 || tiles > kSemaphoreRegion)
     {

@@ -125,30 +125,44 @@ struct Octet
     uint4 sc;
 };
 
-//! Load columns n..n+7 of row k (cols = the matrix's column count; n % 8 == 0, cols % 8 == 0).
+//! Raw codes of columns n..n+7 of row k (cols = the matrix's column count; n % 8 == 0, cols % 8 == 0).
 template <int F>
-__device__ __forceinline__ Octet loadOctet(Segment const& sg, int64_t k, int32_t n, int32_t cols)
+__device__ __forceinline__ uint4 loadRaw(Segment const& sg, int64_t k, int32_t n, int32_t cols)
 {
-    Octet o;
-    o.raw = make_uint4(0u, 0u, 0u, 0u);
-    o.sc = make_uint4(0u, 0u, 0u, 0u);
+    uint4 raw = make_uint4(0u, 0u, 0u, 0u);
     if constexpr (F == kFmtInt4)
     {
-        o.raw.x = __ldg(reinterpret_cast<unsigned int const*>(sg.w + k * (cols / 2) + n / 2));
+        raw.x = __ldg(reinterpret_cast<unsigned int const*>(sg.w + k * (cols / 2) + n / 2));
     }
     else if constexpr (F == kFmtInt8)
     {
         uint2 const v = __ldg(reinterpret_cast<uint2 const*>(sg.w + k * cols + n));
-        o.raw.x = v.x;
-        o.raw.y = v.y;
+        raw.x = v.x;
+        raw.y = v.y;
     }
     else
     {
-        o.raw = __ldg(reinterpret_cast<uint4 const*>(sg.w + (k * cols + n) * 2));
+        raw = __ldg(reinterpret_cast<uint4 const*>(sg.w + (k * cols + n) * 2));
     }
+    return raw;
+}
+
+//! The 8 fp16 scales of columns n..n+7 in scale row g.
+__device__ __forceinline__ uint4 loadScales(Segment const& sg, int64_t g, int32_t n, int32_t cols)
+{
+    return __ldg(reinterpret_cast<uint4 const*>(sg.scale + g * cols + n));
+}
+
+//! Codes and scales of columns n..n+7 of row k.
+template <int F>
+__device__ __forceinline__ Octet loadOctet(Segment const& sg, int64_t k, int32_t n, int32_t cols)
+{
+    Octet o;
+    o.raw = loadRaw<F>(sg, k, n, cols);
+    o.sc = make_uint4(0u, 0u, 0u, 0u);
     if constexpr (F != kFmtFp16)
     {
-        o.sc = __ldg(reinterpret_cast<uint4 const*>(sg.scale + scaleIndex(k, n, sg.group, cols)));
+        o.sc = loadScales(sg, scaleRow(k, sg.group), n, cols);
     }
     return o;
 }
@@ -292,14 +306,29 @@ __device__ __forceinline__ void gemvSegment(Segment const& sg, int64_t kBeg, int
         for (int kk0 = kl; kk0 < len; kk0 += kGemvRowLanes * kGemvUnroll)
         {
             // Issue every load of the batch before any math so kGemvUnroll rows are in flight per thread.
+            // The batch's rows span 16 * (kGemvUnroll - 1) = 48 rows, so with groups larger than that they
+            // touch at most two scale rows: one division per batch instead of one per row, and a scale
+            // load only where the group changes.
             Octet o[kGemvUnroll];
+            int64_t const kFirst = c0 + kk0;
+            int64_t const gFirst = F != kFmtFp16 ? kFirst / sg.group : 0;
+            int32_t const rem = static_cast<int32_t>(kFirst - gFirst * sg.group);
+            bool const wideGroups = sg.group > kGemvRowLanes * (kGemvUnroll - 1);
+            int64_t gPrev = -1;
 #pragma unroll
             for (int u = 0; u < kGemvUnroll; ++u)
             {
                 int const kk = kk0 + kGemvRowLanes * u;
                 if (kk < len)
                 {
-                    o[u] = loadOctet<F>(sg, c0 + kk, n0, cols);
+                    o[u].raw = loadRaw<F>(sg, c0 + kk, n0, cols);
+                    if constexpr (F != kFmtFp16)
+                    {
+                        int64_t const g = wideGroups ? gFirst + (rem + kGemvRowLanes * u >= sg.group ? 1 : 0)
+                                                     : (c0 + kk) / sg.group;
+                        o[u].sc = (u > 0 && g == gPrev) ? o[u > 0 ? u - 1 : 0].sc : loadScales(sg, g, n0, cols);
+                        gPrev = g;
+                    }
                 }
             }
 #pragma unroll

@@ -67,8 +67,8 @@ typedef struct EoraLinearParams
     void* y;             /* fp16 [M, N] */
     void* workspace;     /* eoraLinearWorkspaceSize bytes, any content */
     size_t workspaceBytes;
-    /* EORA_SEMAPHORE_COUNT int32 split-K counters: zero before the first call; every call leaves them zero.
-       Needed unless noSplitK; must not be shared by calls that may run concurrently. */
+    /* eoraLinearSemaphoreCount() int32 split-K counters: zero before the first call; every call leaves them
+       zero. Needed unless noSplitK; must not be shared by calls that may run concurrently. */
     int32_t* semaphores;
 } EoraLinearParams;
 

@@ -506,6 +506,10 @@ bool EoraLinearPlugin::ensureSparse(void const* w, cudaStream_t stream) noexcept
         }
         mSparseSource = nullptr;
     }
+    if (w == nullptr)
+    {
+        return true; // allocation only (attachToContext)
+    }
     // TensorRT keeps constant inputs at a fixed address for the engine's life, so compaction runs once per
     // weight address (refitting the weight in place is not supported for sparse24; see README).
     if (mSparseSource != w)
@@ -566,6 +570,13 @@ IPluginV3* EoraLinearPlugin::attachToContext(IPluginResourceContext* context) no
     if (p != nullptr && context != nullptr)
     {
         p->mRecorder = context->getErrorRecorder();
+    }
+    if (p != nullptr)
+    {
+        // Context creation is outside any CUDA-graph capture: the right moment for persistent buffers. A
+        // failure here (e.g. no device yet) is not an error; enqueue tries again.
+        p->ensureSemaphores(nullptr);
+        p->ensureSparse(nullptr, nullptr);
     }
     return p;
 }

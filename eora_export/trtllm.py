@@ -1,0 +1,365 @@
+"""TensorRT-LLM output: the quantized base as NVIDIA ModelOpt checkpoints plus the EoRA factors as a LoRA adapter.
+
+``eora-export --out DIR --format trtllm`` writes, all or nothing::
+
+    DIR/checkpoint/         unified Hugging Face checkpoint from ModelOpt's ``export_hf_checkpoint``
+                            (``quant_algo: W4A16_AWQ``): what the TensorRT-LLM LLM API / trtllm-serve load
+    DIR/trtllm_checkpoint/  the same weights in the TensorRT-LLM checkpoint format (config.json +
+                            rank0.safetensors, ModelOpt's ``export_tensorrt_llm_checkpoint``), for trtllm-build
+    DIR/lora/               the EoRA factors as a PEFT LoRA adapter (adapter.save_peft_adapter)
+    DIR/README.md           the recipe
+
+ModelOpt is the format authority: we quantize a float16 copy of the model with its INT4 block
+(weight-only) config, then pin each weight quantizer's per-block amax to ``7 * our fp16 scale``
+so its exported scale (amax / 7, computed in float32) *is* our scale, and load W_c as the weight
+so its codes (round(W_c / scale)) *are* our codes. The result is checked after export: the
+packed weights decode back to W_c bit for bit, or the export fails.
+
+TensorRT-LLM's W4A16 (AWQ) linear loader reads a ``pre_quant_scale`` for layers whose input
+is not shared (o_proj, down_proj); we give every quantized layer an all-ones pre-quant scale,
+which ModelOpt folds into the layer norms of q/k/v and gate/up exactly as it does for AWQ
+(a no-op: x·1), so the checkpoint has the canonical AWQ layout with identity smoothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import logging
+import os
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .atomic import atomic_dir, default_mode
+from .errors import BadInput, MissingDependency, UsageError
+
+log = logging.getLogger("eora_export")
+
+# Group sizes of TensorRT-LLM's INT4 weight-only (fpA_intB) GEMM kernels.
+TRTLLM_GROUP_SIZES = (64, 128)
+# Hugging Face module name -> TensorRT-LLM LoRA target (tensorrt_llm.lora_manager defaults).
+HF_TO_TRTLLM_LORA = {
+    "q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_dense",
+    "gate_proj": "mlp_h_to_4h", "up_proj": "mlp_gate", "down_proj": "mlp_4h_to_h",
+}
+# Linears TensorRT-LLM fuses into one GEMM: they must be quantized alike (all or none).
+FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def check_trtllm_config(cfg: Any) -> None:
+    """Refuse settings TensorRT-LLM cannot run, before any work is done.
+
+    The CLI can call this right after parsing ``--format trtllm`` so a long compression run
+    does not end in this error; :func:`write_trtllm` calls it again.
+    """
+    if cfg.bits == 3:
+        raise UsageError("--format trtllm needs --bits 4: TensorRT-LLM has no INT3 weight kernels "
+                         "(use --out X.onnx / X.plan for 3-bit, which run in the INT4 container)")
+    if cfg.quant != "none" and cfg.group_size not in TRTLLM_GROUP_SIZES:
+        raise UsageError(f"--format trtllm needs --group-size 64 or 128 (TensorRT-LLM's INT4 kernels), "
+                         f"got {cfg.group_size}")
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[io.StringIO]:
+    """ModelOpt prints progress to stdout and warns about untested transformers versions;
+    keep the CLI's output to our own lines (the text goes to the debug log)."""
+    buf = io.StringIO()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(buf):
+        warnings.simplefilter("ignore")
+        yield buf
+    if buf.getvalue().strip():
+        log.debug("modelopt: %s", buf.getvalue().strip())
+
+
+def _modelopt() -> tuple[Any, Any]:
+    try:
+        with _quiet():
+            import modelopt.torch.export as mte
+            import modelopt.torch.quantization as mtq
+    except ImportError as e:
+        raise MissingDependency(f"NVIDIA ModelOpt is needed for --format trtllm ({e}); pip install 'nvidia-modelopt[hf]'") from None
+    return mtq, mte
+
+
+def _quantized_names(modules: dict[str, Any]) -> list[str]:
+    return [n for n, m in modules.items() if m.weight_q.bits != 16]
+
+
+def _check_fused_groups(model: torch.nn.Module, quantized: set[str]) -> None:
+    """q/k/v and gate/up become one GEMM in TensorRT-LLM, with one quantization format."""
+    for name, sub in model.named_modules():
+        for group in FUSED_GROUPS:
+            if not all(hasattr(sub, s) for s in group):
+                continue
+            if len({(f"{name}.{s}" if name else s) in quantized for s in group}) > 1:
+                raise UsageError(f"{name}: TensorRT-LLM fuses {'/'.join(group)} into one GEMM, so they must be "
+                                 "compressed alike; adjust --only/--skip to keep them together")
+
+
+def _base_model(result: Any, modules: dict[str, Any]) -> torch.nn.Module:
+    """A float16 copy of the original model whose compressed Linears hold W_c exactly."""
+    from .models import load_model
+
+    model, _ = load_model(result.model_path, torch.float16)
+    for name, mod in modules.items():
+        target = model.get_submodule(name)
+        target.weight.data = mod.weight.to(torch.float16).clone()
+    model.config.torch_dtype = torch.float16
+    return model
+
+
+def _quantize(mtq: Any, model: torch.nn.Module, modules: dict[str, Any], group_size: int) -> torch.nn.Module:
+    """Attach ModelOpt INT4 block quantizers and pin them to our codes and scales."""
+    cfg = copy.deepcopy(mtq.INT4_BLOCKWISE_WEIGHT_ONLY_CFG)
+    for entry in cfg["quant_cfg"]:
+        if entry.get("quantizer_name") == "*weight_quantizer":
+            entry["cfg"]["block_sizes"] = {-1: group_size, "type": "static"}
+    # No forward loop: the weight amax is calibrated from the weights, then overwritten below.
+    model = mtq.quantize(model, cfg, forward_loop=None)
+    quantized = set(_quantized_names(modules))
+    for name, sub in model.named_modules():
+        wq = getattr(sub, "weight_quantizer", None)
+        if wq is None or not wq.is_enabled or name in quantized:
+            continue
+        wq.disable()  # layers we left in FP16 (--skip) stay FP16 and go to exclude_modules
+    tiny = torch.finfo(torch.float32).tiny
+    for name in quantized:
+        mod, sub = modules[name], model.get_submodule(name)
+        scale = mod.weight_q.scale.float()
+        # amax / 7 (ModelOpt's INT4 maxbound) must give back our fp16 scale exactly: s * 7 has
+        # at most 14 significant bits, so both the product and the division are exact in float32.
+        # An all-zero group (scale 0) gets the smallest positive amax; its codes are 0 either way.
+        amax = torch.where(scale > 0, scale * 7.0, torch.full_like(scale, tiny))
+        sub.weight_quantizer.amax = amax.reshape(-1, 1)
+        # Identity AWQ smoothing: TensorRT-LLM reads pre_quant_scale for unfused layers.
+        sub.input_quantizer.pre_quant_scale = torch.ones(mod.in_features, dtype=torch.float16)
+    return model
+
+
+def decode_unified_checkpoint(ckpt: Path, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """float16 ``[out, in]`` weights of the INT4 layers of a ModelOpt unified checkpoint.
+
+    ModelOpt's W4A16 layout: ``<name>.weight`` uint8 ``[out/2, in]`` holding output rows 2j (low
+    nibble) and 2j+1 (high nibble) as signed 4-bit codes, ``<name>.weight_scale`` ``[out, in/g]``;
+    value = fp16(code * scale) computed in float32, as eora-export's W_c.
+    """
+    from safetensors import safe_open
+
+    qcfg = json.loads((ckpt / "hf_quant_config.json").read_text())["quantization"]
+    group = int(qcfg["group_size"])
+    out: dict[str, torch.Tensor] = {}
+    for path in sorted(ckpt.glob("*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            keys = set(f.keys())
+            for key in keys:
+                if not key.endswith(".weight_scale"):
+                    continue
+                name = key[: -len(".weight_scale")]
+                if (names is not None and name not in names) or f"{name}.weight" not in keys:
+                    continue
+                packed, scale = f.get_tensor(f"{name}.weight"), f.get_tensor(key)
+                out[name] = dequantize_packed_rows(packed, scale, group)
+    return out
+
+
+def dequantize_packed_rows(packed: torch.Tensor, scale: torch.Tensor, group: int) -> torch.Tensor:
+    """float16 ``[out, in]`` from ModelOpt's packed INT4 ``[out/2, in]`` and scales ``[out, in/group]``."""
+    p = packed.view(torch.uint8).to(torch.int16)
+    lo, hi = p & 0xF, (p >> 4) & 0xF
+    codes = torch.stack([lo, hi], dim=1).reshape(-1, p.shape[1])
+    codes = torch.where(codes > 7, codes - 16, codes)
+    return (codes.float() * scale.float().repeat_interleave(group, dim=1)).to(torch.float16)
+
+
+def _verify(ckpt: Path, modules: dict[str, Any]) -> None:
+    """The exported INT4 weights must decode to W_c exactly (guards against ModelOpt changes)."""
+    names = _quantized_names(modules)
+    decoded = decode_unified_checkpoint(ckpt, names)
+    for name in names:
+        got = decoded.get(name)
+        if got is None or not torch.equal(got, modules[name].weight.to(torch.float16)):
+            raise RuntimeError(f"ModelOpt's export of {name} does not decode to eora-export's W_c; "
+                               "this ModelOpt version packs INT4 differently (report it)")
+
+
+def _export_unified(mtq: Any, mte: Any, result: Any, modules: dict[str, Any], group_size: int, dest: Path) -> None:
+    model = _base_model(result, modules)
+    with _quiet():
+        if _quantized_names(modules):
+            model = _quantize(mtq, model, modules, group_size)
+        try:
+            mte.export_hf_checkpoint(model, dtype=torch.float16, export_dir=dest)
+        except AssertionError as e:  # ModelOpt's shape checks (e.g. an odd output dimension)
+            raise BadInput(f"ModelOpt cannot export this model for TensorRT-LLM: {e}") from None
+    if result.tokenizer is not None:
+        result.tokenizer.save_pretrained(dest)
+    if _quantized_names(modules):
+        _verify(dest, modules)
+
+
+def _export_trtllm(mtq: Any, mte: Any, result: Any, modules: dict[str, Any], group_size: int, dest: Path) -> str | None:
+    """TensorRT-LLM checkpoint for trtllm-build; returns why not when ModelOpt cannot convert the architecture."""
+    from modelopt.torch.export.model_utils import get_model_type
+
+    model = _base_model(result, modules)
+    decoder = get_model_type(model)
+    if decoder is None:
+        return f"ModelOpt has no TensorRT-LLM decoder type for {type(model).__name__}"
+    with _quiet():
+        if _quantized_names(modules):
+            model = _quantize(mtq, model, modules, group_size)
+        try:
+            mte.export_tensorrt_llm_checkpoint(model, decoder, dtype=torch.float16, export_dir=dest, inference_tensor_parallel=1)
+        except Exception as e:  # legacy path only; the unified checkpoint stands on its own
+            return f"ModelOpt's export_tensorrt_llm_checkpoint failed ({type(e).__name__}: {e})"
+    return None
+
+
+@dataclass(frozen=True)
+class _Factors:
+    """The two things save_peft_adapter reads from a layer: rank and float16 factors."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    rank: int
+
+
+def lora_factors(modules: dict[str, Any]) -> dict[str, Any]:
+    """The layers' factors, zero-padded to one common rank when ranks differ.
+
+    TensorRT-LLM scales each LoRA module by lora_alpha / (its own rank) and ignores peft's
+    rank_pattern/alpha_pattern, so a layer whose rank was clamped below ``r`` would be scaled
+    by r / r_i. Zero rows of A and zero columns of B change nothing numerically and make every
+    module's scale exactly 1 in peft, TensorRT-LLM and vLLM alike.
+    """
+    ranked = {n: m for n, m in modules.items() if m.rank}
+    if not ranked:
+        return {}
+    top = max(m.rank for m in ranked.values())
+    if all(m.rank == top for m in ranked.values()):
+        return ranked
+    out: dict[str, Any] = {}
+    for name, m in ranked.items():
+        a = torch.zeros(top, m.in_features, dtype=torch.float16)
+        b = torch.zeros(m.out_features, top, dtype=torch.float16)
+        a[: m.rank] = m.a.to(torch.float16)
+        b[:, : m.rank] = m.b.to(torch.float16)
+        out[name] = _Factors(a, b, top)
+    return out
+
+
+def _readme(out: Path, modules: dict[str, Any], cfg: Any, group_size: int, rank: int, legacy_reason: str | None) -> str:
+    targets = {n.rsplit(".", 1)[-1] for n, m in modules.items() if m.rank}
+    trt_targets = " ".join(v for k, v in HF_TO_TRTLLM_LORA.items() if k in targets)
+    return trtllm_readme(out, quant=cfg.quant, bits=cfg.bits, group_size=group_size, sparsity=cfg.sparsity,
+                         lowrank_bits=cfg.lowrank_bits, rank=rank, trt_targets=trt_targets, legacy_reason=legacy_reason)
+
+
+def trtllm_readme(out: Path, *, quant: str, bits: int, group_size: int, sparsity: str, lowrank_bits: int, rank: int,
+                  trt_targets: str, legacy_reason: str | None = None) -> str:
+    """The README.md of a --format trtllm folder: layout, LLM API recipe, trtllm-build recipe."""
+    base = f"W4A16_AWQ (INT4 weights, group {group_size}, fp16 activations)" if quant != "none" else "FP16"
+    sparse = ""
+    if sparsity != "none":
+        sparse = ("\n2:4 sparsity: the pruned zeros are kept inside the weights. TensorRT-LLM has no sparse INT4 GEMM, so "
+                  "INT4 layers run dense (same accuracy, no sparsity speed-up); an FP16 2:4 base (--quant none) can use "
+                  "TensorRT's sparse tactics with `trtllm-build --weight_sparsity`.\n")
+    lora_section = ""
+    if rank:
+        lora_section = f"""
+## LLM API (PyTorch backend, TensorRT-LLM >= 1.0)
+
+```python
+from tensorrt_llm import LLM, SamplingParams
+from tensorrt_llm.executor import LoRARequest
+try:
+    from tensorrt_llm.lora_helper import LoraConfig
+except ImportError:  # older releases
+    from tensorrt_llm.lora_manager import LoraConfig
+
+llm = LLM(model="{out}/checkpoint",
+          lora_config=LoraConfig(lora_dir=["{out}/lora"], max_lora_rank={rank}, max_loras=1, max_cpu_loras=1))
+eora = LoRARequest("eora", 1, "{out}/lora")
+for output in llm.generate(["The capital of France is"], SamplingParams(max_tokens=32), lora_request=[eora]):
+    print(output.outputs[0].text)
+```
+
+Every request that should be compensated carries the `eora` LoRA request (with `trtllm-serve`, send it as
+`"lora_request": {{"lora_name": "eora", "lora_int_id": 1, "lora_path": "{out}/lora"}}` in the request body).
+"""
+    if legacy_reason:
+        build_section = f"\n## TensorRT engine (trtllm-build)\n\nNot written: {legacy_reason}.\n"
+    else:
+        lora_flags = (f" \\\n    --lora_plugin auto --lora_dir {out}/lora --max_lora_rank {rank} \\\n"
+                      f"    --lora_target_modules {trt_targets}") if rank else ""
+        run_lora = f" \\\n    --lora_dir {out}/lora --lora_task_uids 0" if rank else ""
+        build_section = f"""
+## TensorRT engine (trtllm-build with the LoRA plugin)
+
+```bash
+trtllm-build --checkpoint_dir {out}/trtllm_checkpoint --output_dir {out}/engine \\
+    --gemm_plugin auto --max_batch_size 8 --max_input_len 1024 --max_seq_len 2048{lora_flags}
+python3 TensorRT-LLM/examples/run.py --engine_dir {out}/engine --tokenizer_dir {out}/checkpoint \\
+    --max_output_len 32 --input_text "The capital of France is"{run_lora}
+```
+"""
+    adapter = (f"- `lora/`: the EoRA factors as a PEFT LoRA adapter: rank {rank}, lora_alpha = r (scaling 1), stored in "
+               f"fp16 (dequantized from {lowrank_bits}-bit); layers whose rank was clamped are zero-padded to rank {rank}, "
+               "which changes nothing numerically.") if rank else "- no `lora/`: this run has no compensation (--method none)."
+    return f"""# TensorRT-LLM: quantized base + EoRA adapter
+
+- `checkpoint/`: unified Hugging Face checkpoint written by NVIDIA ModelOpt's `export_hf_checkpoint`,
+  {base}. Its packed INT4 weights and scales decode exactly to eora-export's W_c ({bits}-bit {quant}).
+  `hf_quant_config.json` tells TensorRT-LLM the format; the AWQ pre-quant scales are all ones (no smoothing).
+- `trtllm_checkpoint/`: the same weights in the TensorRT-LLM checkpoint format (`export_tensorrt_llm_checkpoint`), for trtllm-build.
+{adapter}
+{sparse}{lora_section}{build_section}"""
+
+
+def write_trtllm(args: Any, cfg: Any, result: Any, out: Path) -> int:
+    """Write ``out/checkpoint``, ``out/trtllm_checkpoint``, ``out/lora`` and ``out/README.md`` atomically."""
+    from .adapter import save_peft_adapter
+
+    check_trtllm_config(cfg)
+    modules = {n: r.module for n, r in result.modules.items()}
+    quantized = set(_quantized_names(modules))
+    if any(modules[n].weight_q.bits != 4 for n in quantized):
+        raise UsageError("--format trtllm needs 4-bit weights (TensorRT-LLM has no INT3 kernels)")
+    # The layers' own group size, not the flag: it is what the codes were made with.
+    groups = {modules[n].weight_q.group_size for n in quantized}
+    if len(groups) > 1 or not groups <= set(TRTLLM_GROUP_SIZES):
+        raise UsageError(f"--format trtllm needs one group size of 64 or 128 (TensorRT-LLM's INT4 kernels), got {sorted(groups)}")
+    group_size = groups.pop() if groups else 0
+    _check_fused_groups(result.model, quantized)
+    mtq, mte = _modelopt()
+    factors = lora_factors(modules)
+    rank = max((f.rank for f in factors.values()), default=0)
+    meta = {"method": cfg.method, "rank": cfg.rank, "lowrank_bits": cfg.lowrank_bits, "quant": cfg.quant,
+            "bits": cfg.bits, "group_size": cfg.group_size, "sparsity": cfg.sparsity}
+    with atomic_dir(out) as tmp:
+        _export_unified(mtq, mte, result, modules, group_size, tmp / "checkpoint")
+        legacy = _export_trtllm(mtq, mte, result, modules, group_size, tmp / "trtllm_checkpoint")
+        if legacy is not None:
+            log.warning("no trtllm_checkpoint/ (trtllm-build input): %s; checkpoint/ serves the LLM API", legacy)
+        if factors:
+            save_peft_adapter(factors, tmp / "lora", str(out / "checkpoint"), meta)
+        (tmp / "README.md").write_text(_readme(out, modules, cfg, group_size, rank, legacy))
+        _fix_modes(tmp)
+    print(f"TensorRT-LLM: {out}/checkpoint (ModelOpt {'W4A16_AWQ' if quantized else 'FP16'})"
+          + (f", {out}/lora (PEFT LoRA, rank {rank})" if factors else "") + f"; recipe in {out}/README.md")
+    return 0
+
+
+def _fix_modes(root: Path) -> None:
+    """Some writers create files through mkstemp (mode 0600); give them the usual umask mode."""
+    for dirpath, _dirs, files in os.walk(root):
+        for f in files:
+            os.chmod(Path(dirpath) / f, default_mode())

@@ -1,0 +1,234 @@
+"""Interrupted runs (GitHub issue #9): a run stopped by SIGINT or SIGTERM at a random point
+leaves either the previous output untouched or a complete new one, never a partial one,
+and no temporary debris beside it.
+
+Four real ``eora-export`` processes run side by side on the tiny model, each over its own
+copy of an earlier output (one starts from nothing); the test signals each at a random
+moment of one phase: start-up (imports, checks), computing (the calibration bar is on
+stderr), and writing (the temporary output folder exists). The seed is printed on failure;
+set EORA_INTERRUPT_SEED to replay it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+DEADLINE_S = 300  # per process; a hang is a failure, not a slow test
+COMPLETE = ("report.json", "per_layer_error.png", "ppl_vs_rank.png", "base/config.json", "base/model.safetensors",
+            "base/quantization.safetensors", "base/quantization.json", "adapter/adapter_config.json",
+            "adapter/adapter_model.safetensors")
+
+
+def _tree(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _previous_output(folder: Path) -> dict[str, str]:
+    """An earlier run's output (what the new run must not damage)."""
+    (folder / "base").mkdir(parents=True)
+    (folder / "adapter").mkdir()
+    (folder / "report.json").write_text(json.dumps({"previous": True}))
+    (folder / "base" / "model.safetensors").write_bytes(b"previous weights " * 100)
+    (folder / "adapter" / "adapter_config.json").write_text("{}")
+    return _tree(folder)
+
+
+@dataclass
+class Kill:
+    sig: signal.Signals
+    phase: str  # "start" | "compute" | "write"
+    delay: float  # seconds after the phase is seen
+    previous: bool  # an earlier output exists
+
+
+@dataclass
+class Run:
+    kill: Kill
+    root: Path
+    proc: subprocess.Popen
+    started: float
+    before: dict[str, str] | None
+    sent_at: float | None = None
+    phase_seen: float | None = None
+
+    @property
+    def out(self) -> Path:
+        return self.root / "out"
+
+    def stderr(self) -> str:
+        return (self.root / "stderr.txt").read_text(errors="replace")
+
+    def phase_reached(self) -> bool:
+        if self.kill.phase == "start":
+            return True
+        if self.kill.phase == "compute":
+            return "calibrate" in self.stderr()
+        return any(p.name.startswith(".out.") and p.name.endswith(".tmp") for p in self.root.iterdir())
+
+
+def _start(kill: Kill, root: Path, model: Path) -> Run:
+    root.mkdir(parents=True)
+    before = _previous_output(root / "out") if kill.previous else None
+    calib = str(model / "calib.txt")
+    argv = [sys.executable, "-m", "eora_export.cli", "--model", str(model), "--out", str(root / "out"), "--calib", calib,
+            "--eval-file", calib, "--seq-len", "32", "--calib-samples", "4", "--eval-samples", "2", "--group-size", "64",
+            "--rank", "8", "--sweep-ranks", "8", "--no-compare"]  # not --quiet: the calibration bar marks the compute phase
+    with open(root / "stderr.txt", "wb") as err, open(root / "stdout.txt", "wb") as out:
+        # One thread each: four runs share the machine, and OpenMP spin-waits under oversubscription.
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        proc = subprocess.Popen(argv, stdout=out, stderr=err, cwd=root, env=env)
+    return Run(kill, root, proc, time.monotonic(), before)
+
+
+def _check(run: Run, seed: int) -> None:
+    what = f"seed {seed}, {run.kill}, rc {run.proc.returncode}, stderr tail: {run.stderr()[-600:]!r}"
+    rc = run.proc.returncode
+    assert rc in (0, 130, -signal.SIGINT, -signal.SIGTERM), what
+    if rc == 130:
+        assert "interrupted" in run.stderr().strip().splitlines()[-1], what
+    debris = sorted(p.name for p in run.root.iterdir() if p.name not in ("out", "stderr.txt", "stdout.txt"))
+    assert debris == [], (debris, what)
+    if not run.out.exists():
+        assert run.before is None, ("the previous output is gone", what)
+        assert rc != 0, what
+        return
+    tree = _tree(run.out)
+    if tree == run.before:
+        assert rc != 0, ("a finished run left the old output", what)
+        return
+    # Otherwise it must be the new output, whole.
+    missing = [f for f in COMPLETE if f not in tree]
+    assert not missing, (f"partial output: missing {missing}", what)
+    assert "previous" not in json.loads((run.out / "report.json").read_text()), what
+    from safetensors.torch import load_file
+
+    assert load_file(run.out / "base" / "model.safetensors"), what
+
+
+def test_signals_at_random_points_never_leave_a_partial_output(tiny_model_dir, tmp_path):
+    seed = int(os.environ.get("EORA_INTERRUPT_SEED", random.randrange(1 << 30)))
+    rng = random.Random(seed)
+    sigs = [signal.SIGINT, signal.SIGTERM]
+    kills = [
+        Kill(rng.choice(sigs), "start", rng.uniform(0.2, 3.0), True),
+        Kill(rng.choice(sigs), "compute", rng.uniform(0.0, 1.5), True),
+        Kill(signal.SIGINT, "write", rng.uniform(0.0, 0.4), False),
+        Kill(signal.SIGTERM, "write", rng.uniform(0.0, 0.4), True),
+    ]
+    runs = [_start(k, tmp_path / f"run{i}", tiny_model_dir) for i, k in enumerate(kills)]
+    try:
+        while any(r.proc.poll() is None for r in runs):
+            now = time.monotonic()
+            for r in runs:
+                if r.proc.poll() is not None or r.sent_at is not None:
+                    continue
+                if now - r.started > DEADLINE_S:
+                    pytest.fail(f"seed {seed}: {r.kill} did not reach its phase in {DEADLINE_S} s")
+                if r.phase_seen is None and r.phase_reached():
+                    r.phase_seen = now
+                if r.phase_seen is not None and now - r.phase_seen >= r.kill.delay:
+                    r.proc.send_signal(r.kill.sig)
+                    r.sent_at = now
+            for r in runs:
+                if r.sent_at is not None and r.proc.poll() is None and now - r.sent_at > DEADLINE_S / 2:
+                    pytest.fail(f"seed {seed}: {r.kill} still running {DEADLINE_S / 2:.0f} s after the signal")
+            time.sleep(0.01)
+    finally:
+        for r in runs:
+            if r.proc.poll() is None:
+                r.proc.kill()
+                r.proc.wait()
+    for r in runs:
+        _check(r, seed)
+    # At least the write-phase kills must have landed while the process still ran.
+    assert any(r.sent_at is not None and r.proc.returncode != 0 for r in runs), f"seed {seed}: no signal hit a running process"
+
+
+# --------------------------------------------------------------------------- every step of the swap
+
+
+class _Plan:
+    """Raise KeyboardInterrupt around the ``at``-th file-system call atomic.py makes (as a signal would)."""
+
+    def __init__(self, at: int | None = None, after: bool = False) -> None:
+        self.at, self.after, self.calls = at, after, []
+
+    def wrap(self, name: str, fn):
+        def call(*args, **kwargs):
+            self.calls.append(name)
+            hit = len(self.calls) == self.at
+            if hit and not self.after:
+                raise KeyboardInterrupt(f"before {name}")
+            result = fn(*args, **kwargs)
+            if hit:
+                raise KeyboardInterrupt(f"after {name}")
+            return result
+        return call
+
+
+class _Faulty:
+    def __init__(self, module, names: tuple[str, ...], plan: _Plan) -> None:
+        self._module, self._names, self._plan = module, names, plan
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._module, name)
+        return self._plan.wrap(f"{self._module.__name__}.{name}", attr) if name in self._names else attr
+
+
+def _swap_once(parent: Path, plan: _Plan, monkeypatch, previous: bool) -> tuple[bool, dict[str, str] | None]:
+    import shutil
+    import tempfile
+
+    from eora_export import atomic
+
+    out = parent / "out"
+    before = _previous_output(out) if previous else None
+    monkeypatch.setattr(atomic, "os", _Faulty(os, ("replace", "chmod", "umask", "close"), plan))
+    monkeypatch.setattr(atomic, "shutil", _Faulty(shutil, ("rmtree",), plan))
+    monkeypatch.setattr(atomic, "tempfile", _Faulty(tempfile, ("mkdtemp", "mkstemp"), plan))
+    interrupted = False
+    try:
+        with atomic.atomic_dir(out) as tmp:
+            (tmp / "base").mkdir()
+            (tmp / "base" / "model.safetensors").write_bytes(b"new weights")
+            (tmp / "report.json").write_text(json.dumps({"new": True}))
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        monkeypatch.undo()
+    return interrupted, before
+
+
+@pytest.mark.parametrize("previous", [True, False], ids=["over-previous", "fresh"])
+def test_atomic_dir_survives_an_interrupt_at_every_step(tmp_path, monkeypatch, previous):
+    """Deterministic companion of the random kills: an interrupt just before and just after each
+    file-system call of ``atomic_dir`` leaves the previous folder or the complete new one, no debris."""
+    dry = _Plan()
+    _swap_once(tmp_path / "dry", dry, monkeypatch, previous)
+    assert dry.calls, "atomic_dir made no file-system calls through os/shutil/tempfile"
+    for at in range(1, len(dry.calls) + 1):
+        for after in (False, True):
+            plan = _Plan(at, after)
+            parent = tmp_path / f"{at}-{int(after)}"
+            interrupted, before = _swap_once(parent, plan, monkeypatch, previous)
+            where = f"interrupt {'after' if after else 'before'} call {at} ({dry.calls[at - 1]}) of {dry.calls}"
+            assert interrupted, where
+            out = parent / "out"
+            debris = sorted(p.name for p in parent.iterdir() if p.name != "out")
+            assert debris == [], (debris, where)
+            if not out.exists():
+                assert before is None, ("the previous output is gone", where)
+                continue
+            tree = _tree(out)
+            assert tree == before or set(tree) == {"base/model.safetensors", "report.json"}, (sorted(tree), where)
