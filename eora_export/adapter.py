@@ -58,13 +58,14 @@ def adapter_config(modules: dict[str, EoraLinear], base_model: str, meta: dict) 
         "init_lora_weights": True,
         "inference_mode": True,
         "modules_to_save": None,
-        "eora": meta,
     }
 
 
 def save_peft_adapter(modules: dict[str, EoraLinear], out_dir: Path, base_model: str, meta: dict) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "adapter_config.json").write_text(json.dumps(adapter_config(modules, base_model, meta), indent=2))
+    # Our settings live beside the PEFT config: peft warns about unknown keys inside it.
+    (out_dir / "eora_adapter.json").write_text(json.dumps(meta, indent=2))
     save_file(peft_state_dict(modules), str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
     return out_dir
 
@@ -94,7 +95,7 @@ def save_compressed_base(model: nn.Module, tokenizer, modules: dict[str, EoraLin
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
     for name, mod in modules.items():
         state[f"{name}.weight"] = mod.weight.to(torch.float16).contiguous()
-    model.config.torch_dtype = "float16"
+    model.config.dtype = "float16"
     model.config.save_pretrained(out_dir)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)

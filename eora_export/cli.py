@@ -112,6 +112,10 @@ def _run(args: argparse.Namespace) -> int:
         compare=not args.no_compare, fast=args.fast, only=args.only, skip=args.skip,
         batch_size=args.batch_size, seed=args.seed,
     )
+    if fmt == "trtllm":
+        from .trtllm import check_trtllm_config
+
+        check_trtllm_config(cfg)  # before minutes of work, not after
     result = compute(cfg, progress=not args.quiet)
     write_outputs(cfg, result)
     print(result.report["table"])
@@ -161,6 +165,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"eora-export: error: {e}", file=sys.stderr)
         return e.exit_code
+    except BrokenPipeError:
+        # `eora-export inspect X | head`: the reader left; nothing to report.
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         if debug:
             raise

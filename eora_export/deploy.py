@@ -122,12 +122,14 @@ def write_build_script(plan: Path, plugin: Path | None, command: str) -> Path:
     if plugin is not None and (plan.parent / plugin.name).resolve() != plugin.resolve():
         with atomic_file(plan.parent / plugin.name) as tmp:
             shutil.copy2(plugin, tmp)
-    lib = f'"$(dirname "$0")/{plugin.name}"' if plugin else '"${EORA_PLUGIN_LIB:?build it first: eora-export build-plugin}"'
+    # Absolute paths before the cd: the script may be run from any folder (bash out/X.build.sh).
+    lib = f'"$HERE/{plugin.name}"' if plugin else '"$(realpath "${EORA_PLUGIN_LIB:?build it first: eora-export build-plugin}")"'
     body = f"""#!/usr/bin/env bash
 # Finish the TensorRT engine build of {plan.name} on a machine with a GPU and TensorRT.
 set -euo pipefail
+HERE="$(cd "$(dirname "$0")" && pwd)"
 PLUGIN={lib}
-cd "$(dirname "$0")"
+cd "$HERE"
 {command} --dynamicPlugins="$PLUGIN"
 """
     script = plan.with_suffix(".build.sh")
@@ -191,6 +193,9 @@ def write_triton(args, result, repo: Path) -> int:
 
 def triton_readme(model, command: str, reason: str | None) -> str:
     platform = "onnxruntime_onnx (unfused pattern)" if reason else "tensorrt_plan (fused EoraLinear plugin)"
+    # The pattern graph is opset 21 (blocked INT4 DequantizeLinear): older ORT builds in Triton reject it.
+    ort_note = ("The ONNX model is opset 21 with INT4 DequantizeLinear (block_size): the Triton image's ONNX Runtime "
+                "must support it (1.20 or newer).\n") if reason else ""
     return f"""# Triton model repository: {model.name}
 
 Platform: {platform}. Input `{model.input_name}` INT64 [batch, seq]; output `{model.output_name}` FP16
@@ -199,7 +204,7 @@ Platform: {platform}. Input `{model.input_name}` INT64 [batch, seq]; output `{mo
     {command}
 
 With a TensorRT engine, pass the plugin: `--backend-config=tensorrt,plugins=/path/libeora_plugin.so`.
-"""
+{ort_note}"""
 
 
 def write_deployment(args, fmt: str, cfg, result) -> int:

@@ -37,6 +37,15 @@ def inspect_path(path: Path) -> dict[str, Any]:
     """The description as a dict with a ``kind`` key; dispatches on file type or folder content."""
     if not path.exists():
         raise MissingInput(f"{path} not found")
+    try:
+        return _dispatch(path)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RecursionError) as e:
+        # Well-formed JSON/protobuf with the wrong structure (a list where an object belongs, a
+        # string where a number does): the file is not what its name says, not a bug of ours.
+        raise BadInput(f"{path}: unexpected content ({_one_line(e)})") from None
+
+
+def _dispatch(path: Path) -> dict[str, Any]:
     if path.is_dir():
         return _inspect_dir(path)
     if not path.is_file():
@@ -95,8 +104,8 @@ def _read_json(path: Path) -> Any:
         raise BadInput(f"{path} is {_fmt_bytes(size)}, more than the {_fmt_bytes(MAX_JSON_BYTES)} a JSON file here may be")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BadInput(f"{path} is not valid JSON ({e})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise BadInput(f"{path} is not valid JSON ({_one_line(e)})") from None
 
 
 def _read_text(path: Path, limit: int = MAX_TEXT_BYTES) -> str:
@@ -136,8 +145,8 @@ def safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
             raise BadInput(f"{path}: safetensors header length {n} is impossible for a {size}-byte file")
         try:
             header = json.loads(f.read(n).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise BadInput(f"{path}: corrupt safetensors header ({e})") from None
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            raise BadInput(f"{path}: corrupt safetensors header ({_one_line(e)})") from None
     if not isinstance(header, dict):
         raise BadInput(f"{path}: corrupt safetensors header (not a JSON object)")
     out = {}

@@ -248,6 +248,6 @@ def write_outputs(cfg: RunConfig, result: RunResult) -> None:
             save_peft_adapter(modules, tmp / "adapter", str(result.model_path), meta)
         write_json(report, tmp / "report.json")
         plot_layer_errors(report["layers"], tmp / "per_layer_error.png")
-        if result.sweep:
+        if any(result.sweep.values()):
             ref = {"fp16": ppl["fp16"], "compressed": ppl["compressed"]}
             plot_ppl_vs_rank(result.sweep, ref, tmp / "ppl_vs_rank.png")

@@ -59,7 +59,7 @@ def check_trtllm_config(cfg: Any) -> None:
     The CLI can call this right after parsing ``--format trtllm`` so a long compression run
     does not end in this error; :func:`write_trtllm` calls it again.
     """
-    if cfg.bits == 3:
+    if cfg.quant != "none" and cfg.bits == 3:
         raise UsageError("--format trtllm needs --bits 4: TensorRT-LLM has no INT3 weight kernels "
                          "(use --out X.onnx / X.plan for 3-bit, which run in the INT4 container)")
     if cfg.quant != "none" and cfg.group_size not in TRTLLM_GROUP_SIZES:
@@ -112,7 +112,6 @@ def _base_model(result: Any, modules: dict[str, Any]) -> torch.nn.Module:
     for name, mod in modules.items():
         target = model.get_submodule(name)
         target.weight.data = mod.weight.to(torch.float16).clone()
-    model.config.torch_dtype = torch.float16
     return model
 
 
@@ -259,69 +258,71 @@ def lora_factors(modules: dict[str, Any]) -> dict[str, Any]:
 def _readme(out: Path, modules: dict[str, Any], cfg: Any, group_size: int, rank: int, legacy_reason: str | None) -> str:
     targets = {n.rsplit(".", 1)[-1] for n, m in modules.items() if m.rank}
     trt_targets = " ".join(v for k, v in HF_TO_TRTLLM_LORA.items() if k in targets)
-    return trtllm_readme(out, quant=cfg.quant, bits=cfg.bits, group_size=group_size, sparsity=cfg.sparsity,
+    return trtllm_readme(out.resolve(), quant=cfg.quant, bits=cfg.bits, group_size=group_size, sparsity=cfg.sparsity,
                          lowrank_bits=cfg.lowrank_bits, rank=rank, trt_targets=trt_targets, legacy_reason=legacy_reason)
 
 
 def trtllm_readme(out: Path, *, quant: str, bits: int, group_size: int, sparsity: str, lowrank_bits: int, rank: int,
                   trt_targets: str, legacy_reason: str | None = None) -> str:
-    """The README.md of a --format trtllm folder: layout, LLM API recipe, trtllm-build recipe."""
-    base = f"W4A16_AWQ (INT4 weights, group {group_size}, fp16 activations)" if quant != "none" else "FP16"
-    sparse = ""
-    if sparsity != "none":
-        sparse = ("\n2:4 sparsity: the pruned zeros are kept inside the weights. TensorRT-LLM has no sparse INT4 GEMM, so "
-                  "INT4 layers run dense (same accuracy, no sparsity speed-up); an FP16 2:4 base (--quant none) can use "
-                  "TensorRT's sparse tactics with `trtllm-build --weight_sparsity`.\n")
-    lora_section = ""
+    """The README.md of a --format trtllm folder: layout, LLM API recipe, trtllm-build recipe.
+
+    Commands use ``$OUT`` (set to this folder where it was written) because the folder is usually
+    copied to the GPU machine that runs TensorRT-LLM.
+    """
+    base = f"W4A16_AWQ: INT4 weights, group {group_size}, fp16 activations" if quant != "none" else "FP16 (unquantized)"
+    lines = [
+        "# TensorRT-LLM: quantized base + EoRA adapter", "",
+        f"- `checkpoint/`: unified Hugging Face checkpoint written by NVIDIA ModelOpt's `export_hf_checkpoint`, {base}.",
+    ]
+    if quant != "none":
+        lines.append(f"  Its packed INT4 weights and fp16 scales decode exactly to eora-export's W_c ({bits}-bit {quant}); "
+                     "`hf_quant_config.json` names the format, and its AWQ pre-quant scales are all ones (no smoothing).")
+    if not legacy_reason:
+        lines.append("- `trtllm_checkpoint/`: the same weights in the TensorRT-LLM checkpoint format "
+                     "(`export_tensorrt_llm_checkpoint`), for trtllm-build.")
     if rank:
-        lora_section = f"""
-## LLM API (PyTorch backend, TensorRT-LLM >= 1.0)
-
-```python
-from tensorrt_llm import LLM, SamplingParams
-from tensorrt_llm.executor import LoRARequest
-try:
-    from tensorrt_llm.lora_helper import LoraConfig
-except ImportError:  # older releases
-    from tensorrt_llm.lora_manager import LoraConfig
-
-llm = LLM(model="{out}/checkpoint",
-          lora_config=LoraConfig(lora_dir=["{out}/lora"], max_lora_rank={rank}, max_loras=1, max_cpu_loras=1))
-eora = LoRARequest("eora", 1, "{out}/lora")
-for output in llm.generate(["The capital of France is"], SamplingParams(max_tokens=32), lora_request=[eora]):
-    print(output.outputs[0].text)
-```
-
-Every request that should be compensated carries the `eora` LoRA request (with `trtllm-serve`, send it as
-`"lora_request": {{"lora_name": "eora", "lora_int_id": 1, "lora_path": "{out}/lora"}}` in the request body).
-"""
-    if legacy_reason:
-        build_section = f"\n## TensorRT engine (trtllm-build)\n\nNot written: {legacy_reason}.\n"
+        lines.append(f"- `lora/`: the EoRA factors as a PEFT LoRA adapter, rank {rank}, lora_alpha = r (scaling 1), fp16 "
+                     f"(dequantized from {lowrank_bits}-bit storage). Layers whose rank was clamped are zero-padded to rank "
+                     f"{rank}: TensorRT-LLM scales each module by lora_alpha / its own rank, and zero padding changes nothing.")
     else:
-        lora_flags = (f" \\\n    --lora_plugin auto --lora_dir {out}/lora --max_lora_rank {rank} \\\n"
-                      f"    --lora_target_modules {trt_targets}") if rank else ""
-        run_lora = f" \\\n    --lora_dir {out}/lora --lora_task_uids 0" if rank else ""
-        build_section = f"""
-## TensorRT engine (trtllm-build with the LoRA plugin)
-
-```bash
-trtllm-build --checkpoint_dir {out}/trtllm_checkpoint --output_dir {out}/engine \\
-    --gemm_plugin auto --max_batch_size 8 --max_input_len 1024 --max_seq_len 2048{lora_flags}
-python3 TensorRT-LLM/examples/run.py --engine_dir {out}/engine --tokenizer_dir {out}/checkpoint \\
-    --max_output_len 32 --input_text "The capital of France is"{run_lora}
-```
-"""
-    adapter = (f"- `lora/`: the EoRA factors as a PEFT LoRA adapter: rank {rank}, lora_alpha = r (scaling 1), stored in "
-               f"fp16 (dequantized from {lowrank_bits}-bit); layers whose rank was clamped are zero-padded to rank {rank}, "
-               "which changes nothing numerically.") if rank else "- no `lora/`: this run has no compensation (--method none)."
-    return f"""# TensorRT-LLM: quantized base + EoRA adapter
-
-- `checkpoint/`: unified Hugging Face checkpoint written by NVIDIA ModelOpt's `export_hf_checkpoint`,
-  {base}. Its packed INT4 weights and scales decode exactly to eora-export's W_c ({bits}-bit {quant}).
-  `hf_quant_config.json` tells TensorRT-LLM the format; the AWQ pre-quant scales are all ones (no smoothing).
-- `trtllm_checkpoint/`: the same weights in the TensorRT-LLM checkpoint format (`export_tensorrt_llm_checkpoint`), for trtllm-build.
-{adapter}
-{sparse}{lora_section}{build_section}"""
+        lines.append("- no `lora/`: this run has no compensation (--method none).")
+    if sparsity != "none":
+        lines += ["", "2:4 sparsity: the pruned zeros are kept inside the weights. TensorRT-LLM has no sparse INT4 GEMM, so "
+                      "INT4 layers run dense (same accuracy, no sparsity speed-up); an FP16 2:4 base (--quant none) can use "
+                      "TensorRT's sparse tactics with `trtllm-build --weight_sparsity`."]
+    lines += ["", "Set `OUT` to this folder on the machine with TensorRT-LLM:", "", "```bash", f"export OUT={out}", "```"]
+    lora_cfg = f',\n          lora_config=LoraConfig(lora_dir=[f"{{OUT}}/lora"], max_lora_rank={rank}, max_loras=1, max_cpu_loras=1)' \
+        if rank else ""
+    request = ", lora_request=[eora]" if rank else ""
+    imports = ("from tensorrt_llm.executor import LoRARequest\ntry:\n    from tensorrt_llm.lora_helper import LoraConfig\n"
+               "except ImportError:  # older releases\n    from tensorrt_llm.lora_manager import LoraConfig\n") if rank else ""
+    lines += ["", "## LLM API (PyTorch backend)", "", "```python", "import os", "",
+              "from tensorrt_llm import LLM, SamplingParams", *imports.splitlines(), "",
+              'OUT = os.environ["OUT"]',
+              f'llm = LLM(model=f"{{OUT}}/checkpoint"{lora_cfg})',
+              *(['eora = LoRARequest("eora", 1, f"{OUT}/lora")'] if rank else []),
+              f'for output in llm.generate(["The capital of France is"], SamplingParams(max_tokens=32){request}):',
+              "    print(output.outputs[0].text)", "```"]
+    if rank:
+        lines += ["", "Every request that should be compensated carries the `eora` LoRA request; with `trtllm-serve` "
+                      '(same `lora_config` in `--extra_llm_api_options`), send `"lora_request": {"lora_name": "eora", '
+                      '"lora_int_id": 1, "lora_path": "<OUT>/lora"}` in the request body.']
+    lines += ["", "## TensorRT engine (trtllm-build" + (" with the LoRA plugin)" if rank else ")"), ""]
+    if legacy_reason:
+        lines.append(f"No `trtllm_checkpoint/` was written: {legacy_reason}. Use the LLM API above.")
+    else:
+        build = ["trtllm-build --checkpoint_dir $OUT/trtllm_checkpoint --output_dir $OUT/engine \\",
+                 "    --gemm_plugin auto --max_batch_size 8 --max_input_len 1024 --max_seq_len 2048"]
+        run = ["python3 TensorRT-LLM/examples/run.py --engine_dir $OUT/engine --tokenizer_dir $OUT/checkpoint \\",
+               '    --max_output_len 32 --input_text "The capital of France is"']
+        if rank:
+            build[-1] += " \\"
+            build += [f"    --lora_plugin auto --lora_dir $OUT/lora --max_lora_rank {rank} \\",
+                      f"    --lora_target_modules {trt_targets}"]
+            run[-1] += " \\"
+            run.append("    --lora_dir $OUT/lora --lora_task_uids 0")
+        lines += ["```bash", *build, *run, "```"]
+    return "\n".join(lines) + "\n"
 
 
 def write_trtllm(args: Any, cfg: Any, result: Any, out: Path) -> int:

@@ -414,8 +414,7 @@ def _enough_tokens(tokenizer, texts: list[str], seq_len: int) -> int:
     total = 0
     limit = seq_len * 64  # characters; a token is never this long, so a longer prefix cannot be short
     for doc in texts:
-        head = doc[:limit]
-        n = len(tokenizer(head, add_special_tokens=False)["input_ids"])
+        n = len(tokenizer(doc[:limit], add_special_tokens=False)["input_ids"])
         if n < seq_len and len(doc) > limit:
             n = len(tokenizer(doc, add_special_tokens=False)["input_ids"])
         total += n + eos
@@ -451,7 +450,11 @@ def check_calibration(cfg, model_path: Path) -> None:
             raise BadInput(_short_text(what, path, cfg.seq_len))
     tokenizer = _load_tokenizer(model_path)
     for what, path, docs in texts:
-        if _enough_tokens(tokenizer, docs, cfg.seq_len) < cfg.seq_len:
+        try:
+            n = _enough_tokens(tokenizer, docs, cfg.seq_len)
+        except Exception as e:  # e.g. lone surrogates from a JSONL file: tokenizers raise TypeError
+            raise BadInput(f"{what} {path} cannot be tokenized ({type(e).__name__}: {_short(e)}); give plain UTF-8 text") from None
+        if n < cfg.seq_len:
             raise BadInput(_short_text(what, path, cfg.seq_len))
 
 

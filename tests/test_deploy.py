@@ -266,10 +266,37 @@ def test_plan_without_tensorrt_writes_onnx_and_build_script(run_cli, no_tensorrt
     text = _check_build_script(script, plan)
     # The plugin library travels beside the script and the script points at it.
     assert (plan.parent / "libeora_plugin.so").read_bytes() == plugin_lib.read_bytes()
-    assert 'PLUGIN="$(dirname "$0")/libeora_plugin.so"' in text
+    assert 'PLUGIN="$HERE/libeora_plugin.so"' in text
+    # The script runs as printed, from another folder: trtexec gets the files beside it.
+    args = _run_script_with_fake_trtexec(script, tmp_path)
+    assert args["plugin_exists"] and args["onnx_exists"] and Path(args["cwd"]) == plan.parent
+    assert args["argv"][:3] == ["--onnx=demo.onnx", "--saveEngine=demo.plan", "--stronglyTyped"]
     assert (tmp_path / "out" / "demo.eora" / "report.json").is_file()
     assert debris(plan.parent) == []
     assert "wrote" in out and str(script) in out
+
+
+def _run_script_with_fake_trtexec(script: Path, tmp_path: Path, env: dict[str, str] | None = None) -> dict:
+    """Run ``bash script`` from ``tmp_path`` with a trtexec that records what it was given."""
+    import subprocess
+
+    bin_dir = tmp_path / "fakebin"
+    bin_dir.mkdir(exist_ok=True)
+    record = tmp_path / "trtexec.json"
+    fake = bin_dir / "trtexec"
+    fake.write_text(f"""#!{sys.executable}
+import json, os, sys
+plugin = next(a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--dynamicPlugins="))
+onnx = next(a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--onnx="))
+json.dump({{"argv": sys.argv[1:], "cwd": os.getcwd(), "plugin_exists": os.path.isfile(plugin),
+           "plugin": plugin, "onnx_exists": os.path.isfile(onnx)}}, open({str(record)!r}, "w"))
+""")
+    fake.chmod(0o755)
+    full_env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", **(env or {})}
+    rel = os.path.relpath(script, tmp_path)
+    proc = subprocess.run(["bash", rel], cwd=tmp_path, env=full_env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(record.read_text())
 
 
 def test_plan_without_plugin_library_points_the_script_at_the_env(run_cli, no_tensorrt, monkeypatch, tmp_path):
@@ -281,6 +308,11 @@ def test_plan_without_plugin_library_points_the_script_at_the_env(run_cli, no_te
     text = plan.with_suffix(".build.sh").read_text()
     assert "${EORA_PLUGIN_LIB:?build it first: eora-export build-plugin}" in text
     assert not (tmp_path / "libeora_plugin.so").exists() and not plan.exists()
+    # A relative $EORA_PLUGIN_LIB is taken from where the script is started, not from its folder.
+    (tmp_path / "libs").mkdir()
+    (tmp_path / "libs" / "libeora_plugin.so").write_bytes(b"fake")
+    args = _run_script_with_fake_trtexec(plan.with_suffix(".build.sh"), tmp_path, {"EORA_PLUGIN_LIB": "libs/libeora_plugin.so"})
+    assert args["plugin_exists"] and args["plugin"] == str((tmp_path / "libs" / "libeora_plugin.so").resolve())
 
 
 def test_plan_with_tensorrt_but_no_gpu(run_cli, plugin_lib, monkeypatch, tmp_path):

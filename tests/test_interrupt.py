@@ -170,7 +170,12 @@ class _Plan:
             hit = len(self.calls) == self.at
             if hit and not self.after:
                 raise KeyboardInterrupt(f"before {name}")
-            result = fn(*args, **kwargs)
+            try:
+                result = fn(*args, **kwargs)
+            except Exception as e:  # the signal lands while the call's own error propagates
+                if hit:
+                    raise KeyboardInterrupt(f"after {name} failed") from e
+                raise
             if hit:
                 raise KeyboardInterrupt(f"after {name}")
             return result
@@ -186,23 +191,38 @@ class _Faulty:
         return self._plan.wrap(f"{self._module.__name__}.{name}", attr) if name in self._names else attr
 
 
-def _swap_once(parent: Path, plan: _Plan, monkeypatch, previous: bool) -> tuple[bool, dict[str, str] | None]:
+_OS_CALLS = ("replace", "chmod", "umask", "close", "open", "mkdir", "unlink", "rename")
+
+
+def _swap_once(parent: Path, plan: _Plan, monkeypatch, previous: bool, kind: str) -> tuple[bool, dict[str, str] | None]:
+    """One atomic write of a folder (kind "dir") or a file ("file") over an optional previous one."""
     import shutil
     import tempfile
 
     from eora_export import atomic
 
     out = parent / "out"
-    before = _previous_output(out) if previous else None
-    monkeypatch.setattr(atomic, "os", _Faulty(os, ("replace", "chmod", "umask", "close"), plan))
+    before = None
+    if previous and kind == "dir":
+        before = _previous_output(out)
+    elif previous:
+        parent.mkdir(parents=True)
+        out.write_text("previous")
+        before = {"": hashlib.sha256(b"previous").hexdigest()}
+    parent.mkdir(parents=True, exist_ok=True)
+    monkeypatch.setattr(atomic, "os", _Faulty(os, _OS_CALLS, plan))
     monkeypatch.setattr(atomic, "shutil", _Faulty(shutil, ("rmtree",), plan))
-    monkeypatch.setattr(atomic, "tempfile", _Faulty(tempfile, ("mkdtemp", "mkstemp"), plan))
+    monkeypatch.setattr(atomic, "tempfile", _Faulty(tempfile, ("mkdtemp", "mkstemp"), plan), raising=False)
     interrupted = False
     try:
-        with atomic.atomic_dir(out) as tmp:
-            (tmp / "base").mkdir()
-            (tmp / "base" / "model.safetensors").write_bytes(b"new weights")
-            (tmp / "report.json").write_text(json.dumps({"new": True}))
+        if kind == "dir":
+            with atomic.atomic_dir(out) as tmp:
+                (tmp / "base").mkdir()
+                (tmp / "base" / "model.safetensors").write_bytes(b"new weights")
+                (tmp / "report.json").write_text(json.dumps({"new": True}))
+        else:
+            with atomic.atomic_file(out) as tmp:
+                tmp.write_text("new")
     except KeyboardInterrupt:
         interrupted = True
     finally:
@@ -210,18 +230,20 @@ def _swap_once(parent: Path, plan: _Plan, monkeypatch, previous: bool) -> tuple[
     return interrupted, before
 
 
+@pytest.mark.parametrize("kind", ["dir", "file"])
 @pytest.mark.parametrize("previous", [True, False], ids=["over-previous", "fresh"])
-def test_atomic_dir_survives_an_interrupt_at_every_step(tmp_path, monkeypatch, previous):
+def test_atomic_writes_survive_an_interrupt_at_every_step(tmp_path, monkeypatch, previous, kind):
     """Deterministic companion of the random kills: an interrupt just before and just after each
-    file-system call of ``atomic_dir`` leaves the previous folder or the complete new one, no debris."""
+    file-system call of ``atomic_dir`` / ``atomic_file`` leaves the previous output or the
+    complete new one, and no debris."""
     dry = _Plan()
-    _swap_once(tmp_path / "dry", dry, monkeypatch, previous)
-    assert dry.calls, "atomic_dir made no file-system calls through os/shutil/tempfile"
+    _swap_once(tmp_path / "dry", dry, monkeypatch, previous, kind)
+    assert dry.calls, "no file-system calls went through atomic.py's os/shutil/tempfile"
+    new = {"base/model.safetensors", "report.json"} if kind == "dir" else {""}
     for at in range(1, len(dry.calls) + 1):
         for after in (False, True):
-            plan = _Plan(at, after)
             parent = tmp_path / f"{at}-{int(after)}"
-            interrupted, before = _swap_once(parent, plan, monkeypatch, previous)
+            interrupted, before = _swap_once(parent, _Plan(at, after), monkeypatch, previous, kind)
             where = f"interrupt {'after' if after else 'before'} call {at} ({dry.calls[at - 1]}) of {dry.calls}"
             assert interrupted, where
             out = parent / "out"
@@ -230,5 +252,8 @@ def test_atomic_dir_survives_an_interrupt_at_every_step(tmp_path, monkeypatch, p
             if not out.exists():
                 assert before is None, ("the previous output is gone", where)
                 continue
-            tree = _tree(out)
-            assert tree == before or set(tree) == {"base/model.safetensors", "report.json"}, (sorted(tree), where)
+            tree = _tree(out) if kind == "dir" else {"": hashlib.sha256(out.read_bytes()).hexdigest()}
+            if kind == "file":
+                assert tree == before or out.read_text() == "new", where
+            else:
+                assert tree == before or set(tree) == new, (sorted(tree), where)

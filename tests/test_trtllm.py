@@ -139,7 +139,8 @@ def test_lora_adapter_layout(exported):
     readme = (out / "README.md").read_text()
     targets = " ".join(HF_TO_TRTLLM_LORA.values())
     assert f"--lora_target_modules {targets}" in readme and f"max_lora_rank={RANK}" in readme
-    assert f"--checkpoint_dir {out}/trtllm_checkpoint" in readme and f'LLM(model="{out}/checkpoint"' in readme
+    assert f"export OUT={out.resolve()}" in readme and "--checkpoint_dir $OUT/trtllm_checkpoint" in readme
+    assert 'LLM(model=f"{OUT}/checkpoint"' in readme and 'LoRARequest("eora", 1, f"{OUT}/lora")' in readme
 
 
 def test_peft_loads_the_adapter_on_the_exported_base(exported, tiny_model_dir):

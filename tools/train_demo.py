@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from tqdm import tqdm
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO_ROOT / "eora_export" / "demo_model"
@@ -387,6 +387,8 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerFast, out: Path) -> None:
     cfg_path = out / "tokenizer_config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["tokenizer_class"] = "PreTrainedTokenizerFast"  # v5 writes "TokenizersBackend", unknown to v4
+    for key in ("is_local", "local_files_only", "name_or_path"):  # loader state, not configuration
+        cfg.pop(key, None)
     cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
     special = {k: getattr(tokenizer, k) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
     (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
@@ -538,6 +540,9 @@ def train(
 
     best_state = copy.deepcopy(model.state_dict())
     best_nll, best_step, bad_evals = float("inf"), 0, 0
+    if args.init_from is not None:  # a continued model must beat where it started
+        best_nll = mean_nll(model, eval_wins)
+        tqdm.write(f"start: heldout nll {best_nll:.4f} (ppl {math.exp(best_nll):.2f})")
     recent: list[float] = []
     train_loss_at_best = float("nan")
     history: list[dict[str, float]] = []
@@ -652,6 +657,26 @@ def load_fp32(out: Path) -> LlamaForCausalLM:
 # --------------------------------------------------------------------------- main
 
 
+def stage_summary(facts: dict) -> dict:
+    """The per-stage part of a run's facts (one call of this script)."""
+    keys = (
+        "command",
+        "lr",
+        "warmup",
+        "steps_planned",
+        "max_minutes",
+        "steps_run",
+        "stop_reason",
+        "best_step",
+        "tokens_seen",
+        "wall_min",
+        "thread_steps",
+        "train_loss_at_best",
+        "heldout_nll_best_fp32",
+    )
+    return {k: facts.get(k) for k in keys}
+
+
 def write_model_card(out: Path, facts: dict) -> None:
     """MODEL_CARD.md from the collected facts."""
     f = facts
@@ -668,6 +693,14 @@ def write_model_card(out: Path, facts: dict) -> None:
         f"| {s} | {f['split_docs'][s]:,} | {f['split_chars'][s]:,} | {f['split_tokens'][s]:,} |" for s in ("train", "calib", "heldout")
     )
     ppl = f["ppl"]
+    stages = f.get("stages") or [stage_summary(f)]
+    commands = "\n".join(st["command"] for st in stages)
+    stage_rows = "\n".join(
+        f"| {i + 1} | {st['lr']} | {st['warmup']} | {st['steps_planned']:,} / {st['steps_run']:,} "
+        f"| {st['max_minutes']:g} min | {st['stop_reason']} | {st['best_step']:,} | {st['wall_min']:.1f} min "
+        f"| {st['heldout_nll_best_fp32']:.4f} | {st['thread_steps']} |"
+        for i, st in enumerate(stages)
+    )
     tok_files = "`tokenizer.json`, `tokenizer_config.json`, `special_tokens_map.json`"
     d_int4 = 100 * (ppl["int4_rtn_g128"] / ppl["fp16"] - 1)
     d_24 = 100 * (ppl["sparse24_magnitude"] / ppl["fp16"] - 1)
@@ -678,10 +711,10 @@ shipped inside the package so that the whole pipeline (calibrate, compress, comp
 export, verify) can run offline in tests and demos. It is a toy: it writes English-looking
 Python-documentation text and nothing more. Do not use it for anything but testing.
 
-Produced by `tools/train_demo.py`. Reproduce with:
+Produced by `tools/train_demo.py`. Reproduce with (one line per training stage):
 
 ```
-{f["command"]}
+{commands}
 ```
 
 (Training on CPU is not bit-reproducible across machines: thread scheduling, and the
@@ -742,24 +775,26 @@ on the text files as written.)
 
 ## Training
 
-AdamW (betas 0.9/0.95, weight decay {f["weight_decay"]} on matrices), peak LR {f["lr"]},
-linear warmup {f["warmup"]} steps then cosine decay to 10%, gradient clipping 1.0,
-{f["batch"]} sequences x {SEQ_LEN} tokens per step, fp32 on CPU (bf16 autocast was ~30x slower on this
-AVX2 CPU). Steps run per torch thread count: {f["thread_steps"]} (with `--threads 0` the count is re-picked
-every 20 steps by measured speed: on a CPU shared with other jobs one thread often beats two). The schedule's progress is
-max(step / {f["steps_planned"]}, elapsed / {f["max_minutes"]} min), so it always finishes its decay
-within the time budget. Held-out loss (first {f["eval_windows"]} held-out windows) every {f["eval_every"]} steps;
-the best checkpoint is kept,
-with early stopping after {f["patience"]} evaluations without improvement.
+AdamW (betas 0.9/0.95, weight decay {f["weight_decay"]} on matrices), linear warmup then cosine
+decay to 10% of the peak LR, gradient clipping 1.0, {f["batch"]} sequences x {SEQ_LEN} tokens per
+step, fp32 on CPU (bf16 autocast was ~30x slower on this AVX2 CPU). The schedule's progress is
+max(step / planned steps, elapsed / time budget), so each stage finishes its decay within its
+budget. Held-out loss (first {f["eval_windows"]} held-out windows) every {f["eval_every"]} steps;
+the best checkpoint is kept, with early stopping after {f["patience"]} evaluations without
+improvement. A later stage (`--init-from`) starts from the previous stage's saved weights with a
+fresh optimizer and a new warmup + cosine cycle, and keeps them unless it beats them.
+
+| stage | peak LR | warmup | steps planned / run | budget | stop | best step | wall | best held-out nll | threads: steps |
+|---:|---:|---:|---:|---:|---|---:|---:|---:|---|
+{stage_rows}
 
 | | |
 |---|---:|
-| steps run | {f["steps_run"]:,} (stop: {f["stop_reason"]}) |
-| best checkpoint at step | {f["best_step"]:,} |
-| training tokens seen | {f["tokens_seen"]:,} ({f["epochs"]:.2f} epochs of train) |
-| wall time (training loop) | {f["wall_min"]:.1f} min |
-| wall time (whole script) | {f["total_min"]:.1f} min |
-| train loss (mean of the {f["eval_every"]} steps before the best checkpoint) | {f["train_loss_at_best"]:.4f} |
+| optimizer steps, all stages | {f["steps_total"]:,} |
+| training tokens seen | {f["tokens_total"]:,} ({f["tokens_total"] / f["split_tokens"]["train"]:.2f} epochs of train) |
+| wall time, training loops | {f["wall_min_total"]:.1f} min |
+| wall time, last run of the script | {f["total_min"]:.1f} min |
+| train loss (mean of the {f["eval_every"]} steps before the kept checkpoint) | {f["train_loss_at_best"]:.4f} |
 | train-split loss of the saved model (eval protocol, {f["train_eval_windows"]} windows) | {f["train_eval_nll"]:.4f} |
 
 ## Held-out perplexity
@@ -796,6 +831,14 @@ def main() -> None:
     ap.add_argument("--patience", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch threads; 0 = pick 1 or 2 by measured speed")
     ap.add_argument("--eval-windows", type=int, default=128, help="held-out windows used for early stopping")
+    ap.add_argument(
+        "--init-from",
+        type=Path,
+        default=None,
+        help="continue from a model folder this script wrote (same seed): reuse its tokenizer and weights, "
+        "start a new warmup + cosine cycle, record it as a further training stage",
+    )
+    ap.add_argument("--final-windows", type=int, default=0, help="cap on held-out windows in the final figures (0 = all)")
     args = ap.parse_args()
 
     t0 = time.time()
@@ -818,11 +861,22 @@ def main() -> None:
             corpus_sha.update(d.text.encode())
     print(f"  sources (chars): {source_chars}  ({time.time() - t0:.0f}s)", flush=True)
 
-    print("training tokenizer ...", flush=True)
-    tokenizer = train_tokenizer(corpus.train)
+    previous_stages: list[dict] = []
+    if args.init_from is not None:
+        prev = json.loads((args.init_from / "train_metrics.json").read_text())
+        if prev["corpus_sha256"] != corpus_sha.hexdigest():
+            raise SystemExit(f"--init-from {args.init_from}: it was trained on another corpus or split")
+        previous_stages = prev.get("stages") or [stage_summary(prev)]
+        print(f"loading tokenizer and weights from {args.init_from} ...", flush=True)
+        tokenizer = AutoTokenizer.from_pretrained(args.init_from)
+    else:
+        print("training tokenizer ...", flush=True)
+        tokenizer = train_tokenizer(corpus.train)
     train_ids = encode_stream(tokenizer, corpus.train)
     calib_wins = text_windows(tokenizer, calib_text)
     heldout_wins = text_windows(tokenizer, heldout_text)
+    if args.final_windows > 0:  # quick smoke runs only
+        heldout_wins = heldout_wins[: args.final_windows]
     split_tokens = {
         "train": int(train_ids.numel() - 2 * len(corpus.train)),
         "calib": len(tokenizer.backend_tokenizer.encode(calib_text, add_special_tokens=False).ids),
@@ -838,6 +892,9 @@ def main() -> None:
 
     config = make_config(tokenizer)
     model = LlamaForCausalLM(config)
+    if args.init_from is not None:
+        model = LlamaForCausalLM.from_pretrained(args.init_from, dtype=torch.float32)
+        config = model.config
     params = sum(p.numel() for p in model.parameters())
     params_lin = sum(m.weight.numel() for m in decoder_linears(model))
     print(f"model: {params:,} parameters", flush=True)
@@ -922,6 +979,10 @@ def main() -> None:
         "ppl": ppl,
         "history": result.history,
     }
+    facts["stages"] = [*previous_stages, stage_summary(facts)]
+    facts["steps_total"] = sum(st["steps_run"] for st in facts["stages"])
+    facts["tokens_total"] = sum(st["tokens_seen"] for st in facts["stages"])
+    facts["wall_min_total"] = sum(st["wall_min"] for st in facts["stages"])
     (out / "train_metrics.json").write_text(json.dumps(facts, indent=1) + "\n")
     write_model_card(out, facts)
     size = sum(p.stat().st_size for p in out.iterdir() if p.is_file())

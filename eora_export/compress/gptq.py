@@ -21,8 +21,9 @@ to the later columns lazily, once per block (GPTQ's lazy batch update).
   updated weights), is SparseGPT (Frantar & Alistarh, arXiv 2301.00774). With a fixed
   mask, pruned weights are set to exactly 0 and their error goes to the kept ones.
 
-Float32 for the loop, float64 for building H⁻¹. A 4096×4096 layer takes a few seconds
-on two CPU cores.
+Float32 for the loop, float64 for the Cholesky of H. A 4096×4096 layer takes ≈ 6–10 s of
+CPU time (measured on the shared 2-core machines; more wall time when they are busy), a
+768×256 layer ≈ 0.3 s.
 """
 
 from __future__ import annotations
@@ -59,14 +60,13 @@ class ObsResult:
 def inverse_hessian_factor(gram: Tensor, damp: float = DEFAULT_DAMP, name: str = "layer") -> Tensor:
     """float32 upper Cholesky factor U of (G + damp·mean(diag G)·I)⁻¹ (H⁻¹ = Uᵀ U), dead inputs decoupled.
 
-    One Cholesky of the reversed H gives H = R Rᵀ with R upper; then U = R⁻¹ (upper, by a
-    triangular solve), which is the upper Cholesky factor of H⁻¹. Half the work of
-    Cholesky → cholesky_inverse → Cholesky. The Cholesky runs in float64, the solve in float32.
+    One Cholesky of the reversed H gives H = R Rᵀ with R upper; then U = R⁻¹ (upper) is the
+    upper Cholesky factor of H⁻¹. A fraction of the work of Cholesky → cholesky_inverse →
+    Cholesky (4096²: ≈ 3 s instead of ≈ 17 s of CPU). Cholesky in float64, R⁻¹ in float32.
     """
     h = gram.to(torch.float64).clone()
     if not torch.isfinite(h).all():
         raise BadInput(f"the calibration Gram of {name} has NaN/Inf; check the model and the calibration data")
-    n = h.shape[0]
     diag = torch.diagonal(h)
     dead = diag <= 0
     alive_mean = diag[~dead].mean().item() if bool((~dead).any()) else 1.0
@@ -86,8 +86,23 @@ def inverse_hessian_factor(gram: Tensor, damp: float = DEFAULT_DAMP, name: str =
     else:
         raise BadInput(f"the calibration Gram of {name} is not positive semi-definite even after damping")
     r = chol.flip(0, 1).to(torch.float32)  # upper, H = R Rᵀ
-    # With ≥ 1% damping cond(R) ≤ √(100·n), so the float32 solve is accurate (≈1e-6 relative).
-    return torch.linalg.solve_triangular(r, torch.eye(n), upper=True)
+    # With ≥ 1% damping cond(R) ≤ √(100·n), so float32 is accurate here (≈1e-6 relative).
+    return _upper_inverse(r)
+
+
+def _upper_inverse(r: Tensor, leaf: int = 512) -> Tensor:
+    """R⁻¹ of an upper-triangular R by 2×2 block recursion (n³/3 flops in matmuls; a
+    triangular solve against I does n³): [[A, B], [0, C]]⁻¹ = [[A⁻¹, −A⁻¹ B C⁻¹], [0, C⁻¹]]."""
+    n = r.shape[0]
+    if n <= leaf:
+        return torch.linalg.solve_triangular(r, torch.eye(n, dtype=r.dtype), upper=True)
+    h = n // 2
+    a, c = _upper_inverse(r[:h, :h], leaf), _upper_inverse(r[h:, h:], leaf)
+    out = torch.zeros_like(r)
+    out[:h, :h] = a
+    out[h:, h:] = c
+    out[:h, h:] = -(a @ r[:h, h:]) @ c
+    return out
 
 
 @contextlib.contextmanager
