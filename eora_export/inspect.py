@@ -380,11 +380,23 @@ def inspect_adapter(path: Path) -> dict[str, Any]:
         "kind": "peft_adapter", "path": str(path), "peft_type": cfg.get("peft_type"), "r": r, "lora_alpha": cfg.get("lora_alpha"),
         "scaling": (float(cfg["lora_alpha"]) / float(r)) if r and cfg.get("lora_alpha") is not None else None,
         "target_modules": cfg.get("target_modules"), "rank_pattern": cfg.get("rank_pattern") or {},
-        "base_model": cfg.get("base_model_name_or_path"), "eora": cfg.get("eora"),
+        "base_model": cfg.get("base_model_name_or_path"), "eora": _eora_meta(path),
         "layers": len(rows), "ranks": dict(sorted(ranks.items())),
         "dtypes": dict(Counter(t["dtype"] for t in tensors.values())),
         "bytes": weights.stat().st_size if weights.is_file() else 0, "problems": problems, "layer_list": rows,
     }
+
+
+def _eora_meta(adapter_dir: Path) -> dict | None:
+    """Our settings file beside the PEFT config (absent for adapters from elsewhere)."""
+    meta = adapter_dir / "eora_adapter.json"
+    if not meta.is_file() or meta.stat().st_size > 1 << 20:
+        return None
+    try:
+        data = json.loads(meta.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def inspect_base(path: Path) -> dict[str, Any]:

@@ -559,7 +559,10 @@ def scan_weights(ckpt: Checkpoint) -> None:
                 for name in names:
                     flat = f.get_tensor(name).reshape(-1)
                     for i in range(0, flat.numel(), _SCAN_CHUNK):
-                        if not torch.isfinite(flat[i : i + _SCAN_CHUNK]).all():
+                        chunk = flat[i : i + _SCAN_CHUNK]
+                        # A float32 sum is NaN/Inf if any element is (twice as fast as isfinite().all());
+                        # a finite tensor whose sum overflows is confirmed element-wise.
+                        if not torch.isfinite(chunk.sum(dtype=torch.float32)) and not torch.isfinite(chunk).all():
                             bad = int((~torch.isfinite(flat)).sum())
                             layer = name[: -len(".weight")] if name.endswith(".weight") else name
                             raise BadInput(

@@ -91,7 +91,8 @@ def _start(kill: Kill, root: Path, model: Path) -> Run:
     return Run(kill, root, proc, time.monotonic(), before)
 
 
-def _check(run: Run, seed: int) -> None:
+def _check(run: Run, seed: int) -> str:
+    """Assert the invariant; return what the run left ("none", "previous" or "new")."""
     what = f"seed {seed}, {run.kill}, rc {run.proc.returncode}, stderr tail: {run.stderr()[-600:]!r}"
     rc = run.proc.returncode
     assert rc in (0, 130, -signal.SIGINT, -signal.SIGTERM), what
@@ -102,11 +103,11 @@ def _check(run: Run, seed: int) -> None:
     if not run.out.exists():
         assert run.before is None, ("the previous output is gone", what)
         assert rc != 0, what
-        return
+        return "none"
     tree = _tree(run.out)
     if tree == run.before:
         assert rc != 0, ("a finished run left the old output", what)
-        return
+        return "previous"
     # Otherwise it must be the new output, whole.
     missing = [f for f in COMPLETE if f not in tree]
     assert not missing, (f"partial output: missing {missing}", what)
@@ -114,6 +115,7 @@ def _check(run: Run, seed: int) -> None:
     from safetensors.torch import load_file
 
     assert load_file(run.out / "base" / "model.safetensors"), what
+    return "new"
 
 
 def test_signals_at_random_points_never_leave_a_partial_output(tiny_model_dir, tmp_path):
@@ -149,8 +151,9 @@ def test_signals_at_random_points_never_leave_a_partial_output(tiny_model_dir, t
             if r.proc.poll() is None:
                 r.proc.kill()
                 r.proc.wait()
-    for r in runs:
-        _check(r, seed)
+    left = [_check(r, seed) for r in runs]
+    print(f"seed {seed}: " + "; ".join(f"{r.kill.sig.name}@{r.kill.phase}+{r.kill.delay:.2f}s rc={r.proc.returncode} left {o}"
+                                       for r, o in zip(runs, left, strict=True)))
     # At least the write-phase kills must have landed while the process still ran.
     assert any(r.sent_at is not None and r.proc.returncode != 0 for r in runs), f"seed {seed}: no signal hit a running process"
 
