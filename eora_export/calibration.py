@@ -62,9 +62,12 @@ def read_texts(path: Path) -> list[str]:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
                 raise BadInput(f"{path}:{n}: not valid JSON ({e.msg}); each line must be an object with a 'text' field") from None
+            except RecursionError:
+                raise BadInput(f"{path}:{n}: JSON nested too deeply; each line must be an object with a 'text' field") from None
             if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
                 raise BadInput(f"{path}:{n}: JSONL lines need a string 'text' field")
-            docs.append(rec["text"])
+            # JSON escapes can spell lone surrogates, which tokenizers refuse: replace them as bad bytes are.
+            docs.append(rec["text"].encode("utf-8", "replace").decode("utf-8"))
     else:
         docs = [d.strip() for d in text.split("\n\n") if d.strip()]
     if not docs:
@@ -177,11 +180,11 @@ class GramCollector:
 
 @torch.no_grad()
 def collect_grams(
-    model: nn.Module, linears: dict[str, nn.Module], windows: Tensor, batch_size: int = 8
+    model: nn.Module, linears: dict[str, nn.Module], windows: Tensor, batch_size: int = 8, progress: bool = True
 ) -> GramStore:
     """Run ``windows: [n, seq]`` through ``model`` and return the Gram store of ``linears``."""
     with GramCollector(linears) as col:
-        for i in tqdm(range(0, windows.shape[0], batch_size), desc="calibrate", unit="batch", leave=False):
+        for i in tqdm(range(0, windows.shape[0], batch_size), desc="calibrate", unit="batch", leave=False, disable=not progress):
             model(windows[i : i + batch_size])
             col.end_batch()
     return col.store

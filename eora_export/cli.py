@@ -110,7 +110,7 @@ def _run(args: argparse.Namespace) -> int:
         group_size=args.group_size, sparsity=args.sparsity, calib=args.calib, calib_samples=args.calib_samples,
         seq_len=args.seq_len, eval_file=args.eval_file, eval_samples=args.eval_samples, sweep_ranks=args.sweep_ranks,
         compare=not args.no_compare, fast=args.fast, only=args.only, skip=args.skip,
-        batch_size=args.batch_size, seed=args.seed,
+        batch_size=args.batch_size, seed=args.seed, format=fmt, deploy_out=None if fmt == "dir" else args.out,
     )
     if fmt == "trtllm":
         from .trtllm import check_trtllm_config
@@ -159,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
             import os
 
             os.environ["TQDM_DISABLE"] = "1"
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
         return _run(args)
     except EoraError as e:
         if debug:
@@ -172,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         if debug:
             raise
-        print("eora-export: interrupted; earlier outputs were left as they were", file=sys.stderr)
+        print("eora-export: interrupted; no partial output was written", file=sys.stderr)
         return Interrupted.exit_code
     except MemoryError:
         print("eora-export: error: out of memory; use --fast, fewer --calib-samples, or a bigger machine", file=sys.stderr)

@@ -164,24 +164,25 @@ def write_plan(args, result, plan: Path) -> int:
 
 
 def write_triton(args, result, repo: Path) -> int:
+    from .trt import triton
     from .trt.build import build_engine, missing_tensorrt_reason
-    from .trt.triton import TritonModel, serve_command, write_repository
 
     staging = artifacts_dir(repo, "triton")
     onnx_set = write_onnx(result, staging / "model.onnx", kv_cache=False)
     plugin = _plugin_library(args)
-    model = TritonModel(args.triton_name, int(result.model.config.vocab_size), args.max_batch)
+    model = triton.TritonModel(args.triton_name, int(result.model.config.vocab_size), args.max_batch)
     reason = missing_tensorrt_reason()
-    with atomic_dir(repo) as tmp:
+    # Only this model's folder is replaced: other models in the repository stay.
+    with atomic_dir(repo / model.name) as tmp:
         if reason is None:
             cache = args.timing_cache or staging / "model.timing.cache"
             plan = build_engine(onnx_set.fused, staging / "model.plan", plugin, _profile(args, result), cache)
-            write_repository(plan, tmp, model)
+            triton.write_model_dir(plan, tmp, model)
         else:
             # Without TensorRT the repository serves the unfused pattern on ONNX Runtime.
             extra = [p for p in [Path(str(onnx_set.pattern) + ".data")] if p.exists()]
-            write_repository(onnx_set.pattern, tmp, model, extra)
-        command = serve_command(repo, plugin if reason is None else None)
+            triton.write_model_dir(onnx_set.pattern, tmp, model, extra)
+        command = triton.serve_command(repo, plugin if reason is None else None)
         (tmp / "README.md").write_text(triton_readme(model, command, reason))
     print(f"Triton repository: {repo}/{model.name} ({'tensorrt_plan' if reason is None else 'onnxruntime_onnx'})")
     print(f"serve it: {command}")

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import BadInput, MissingInput
+from .errors import BadInput, MissingInput, UsageError
 
 DEMO_DIR = Path(__file__).parent / "demo_model"
 
@@ -117,15 +117,15 @@ def target_linears(model: nn.Module, only: list[str] | None = None, skip: list[s
     for name, mod in model.named_modules():
         if name.rsplit(".", 1)[-1] not in TARGET_SUFFIXES or ".layers." not in f".{name}":
             continue
-        if not isinstance(mod, nn.Linear):
-            raise BadInput(f"{name} is a {type(mod).__name__}, not a Linear; eora-export handles plain Linear layers only")
         if only and not any(fnmatch(name, p) for p in only):
             continue
         if skip and any(fnmatch(name, p) for p in skip):
             continue
+        if not isinstance(mod, nn.Linear):
+            raise BadInput(f"{name} is a {type(mod).__name__}, not a Linear; eora-export handles plain Linear layers only")
         found[name] = mod
     if not found:
-        raise BadInput("no Linear layers selected for compression; check --only/--skip patterns")
+        raise UsageError("no Linear layers selected for compression; check --only/--skip patterns")
     return found
 
 

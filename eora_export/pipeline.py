@@ -53,6 +53,8 @@ class RunConfig:
     skip: list[str] = field(default_factory=list)
     batch_size: int = 8
     seed: int = 0
+    format: str = "dir"  # the deployable kind, for preflight's disk and path checks
+    deploy_out: Path | None = None  # --out when it is not the artifacts folder
 
     def compress_config(self) -> CompressConfig:
         return CompressConfig(quant=self.quant, bits=self.bits, group_size=self.group_size, sparsity=self.sparsity)
@@ -91,9 +93,10 @@ def check_output_path(out: Path) -> None:
         raise UsageError(f"cannot write to {parent}; choose an --out folder you can write")
 
 
-def _default_sweep(rank: int, max_rank: int) -> list[int]:
+def _default_sweep(rank: int, max_rank: int, lowrank_bits: int) -> list[int]:
     ranks = {max(1, rank // 4), max(1, rank // 2), rank, rank * 2, rank * 4}
-    return sorted(r for r in ranks if r <= max_rank and (r % 2 == 0 or r == 1))
+    # Quantized factors need an even rank (lowrank_group); FP16 factors take any.
+    return sorted(r for r in ranks if r <= max_rank and (r % 2 == 0 or lowrank_bits == 16))
 
 
 def _windows(tokenizer, cfg: RunConfig, is_demo: bool):
@@ -162,7 +165,7 @@ def compute(cfg: RunConfig, progress: bool = True) -> RunResult:
     timings = {}
 
     t = time.perf_counter()
-    grams = collect_grams(model, linears, calib, cfg.batch_size)
+    grams = collect_grams(model, linears, calib, cfg.batch_size, progress)
     timings["calibrate_s"] = time.perf_counter() - t
     ppl = {"fp16": perplexity(model, held, cfg.batch_size, "perplexity fp16")}
 
@@ -188,7 +191,7 @@ def compute(cfg: RunConfig, progress: bool = True) -> RunResult:
             ppl[label] = perplexity(compressed_model, held, cfg.batch_size, f"perplexity {label}")
 
     sweep: dict[str, dict[int, float]] = {}
-    ranks = cfg.sweep_ranks if cfg.sweep_ranks is not None else _default_sweep(cfg.rank, max_rank)
+    ranks = cfg.sweep_ranks if cfg.sweep_ranks is not None else _default_sweep(cfg.rank, max_rank, cfg.lowrank_bits)
     if cfg.method != "none":
         for method in [m for m in ("svd", "eora") if m in methods]:
             sweep[method] = {}

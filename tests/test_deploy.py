@@ -496,7 +496,7 @@ def test_triton_repository_without_tensorrt_serves_the_pattern_on_onnxruntime(ru
     sess = ort.InferenceSession(str(model_file), providers=["CPUExecutionProvider"])
     (logits,) = sess.run(["logits"], {"input_ids": np.ones((2, 5), dtype=np.int64)})
     assert logits.shape == (2, 5, vocab) and logits.dtype == np.float16
-    readme = (repo / "README.md").read_text()
+    readme = (repo / "tiny" / "README.md").read_text()
     assert f"tritonserver --model-repository {repo}" in readme and "--backend-config=tensorrt,plugins=" in readme
     assert "onnxruntime_onnx" in out and "tritonserver" in out
     assert "note:" in err and debris(tmp_path) == []
@@ -516,14 +516,17 @@ def test_triton_repository_with_tensorrt_holds_the_plan(run_cli, fake_trt, plugi
 
 def test_triton_write_is_atomic(run_cli, no_tensorrt, monkeypatch, tmp_path):
     repo = tmp_path / "repo"
-    repo.mkdir()
-    (repo / "previous.txt").write_text("keep me")
+    (repo / "eora_llm").mkdir(parents=True)
+    (repo / "eora_llm" / "config.pbtxt").write_text("keep me")
+    (repo / "other_model").mkdir()
 
     def broken(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("eora_export.trt.triton.write_repository", broken)
+    monkeypatch.setattr("eora_export.trt.triton.write_model_dir", broken)
     code, _, err = run_cli(repo, "--format", "triton")
     assert code == 4 and len(error_lines(err)) == 1
-    assert sorted(p.name for p in repo.iterdir()) == ["previous.txt"] and (repo / "previous.txt").read_text() == "keep me"
+    # The old model folder is intact and the repository's other models are untouched.
+    assert sorted(p.name for p in repo.iterdir()) == ["eora_llm", "other_model"]
+    assert (repo / "eora_llm" / "config.pbtxt").read_text() == "keep me"
     assert debris(tmp_path) == []

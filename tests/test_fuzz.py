@@ -30,7 +30,7 @@ from eora_export.onnx.pattern import LinearWeights, pattern_model
 # What "an error, not a crash" means for graph input.
 GRAPH_ERRORS = (ValueError, EoraError, DecodeError, onnx.checker.ValidationError)
 EXAMPLE_LIMIT_S = 20  # generous: the machine may be shared; a hang takes forever
-FUZZ = settings(deadline=None, max_examples=120, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+FUZZ = settings(deadline=None, max_examples=300, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
                 derandomize=True)
 
 

@@ -168,11 +168,21 @@ class Timers:
 
 
 @contextlib.contextmanager
-def instrumented() -> Iterator[Timers]:
-    """Time compensate_layers' parts without changing them (patched for this run only)."""
+def instrumented(error_metrics: bool = True) -> Iterator[Timers]:
+    """Time compensate_layers' parts without changing them (patched for this run only).
+
+    error_metrics=False: a what-if that replaces the diagnostic tr(E G Eᵀ) (two dense
+    out × in² products per Linear, reported per layer, not used by the factors) with NaN,
+    to measure the EoRA core alone. Computed from the whitened ΔW R that the factor step
+    already forms, the metric would cost only r · in² per Linear.
+    """
     from eora_export.compensate import apply
 
     t = Timers()
+    if not error_metrics:
+        original = apply.weighted_error
+        apply.weighted_error = lambda *a, **k: float("nan")
+        t._patches.append((apply, "weighted_error", original))
     t.wrap(apply, "gram_root", "root")  # Cholesky (or eigh fallback) of each shared Gram
     t.wrap(torch.linalg, "cholesky_ex", "cholesky")
     t.wrap(torch.linalg, "eigh", "eigh")
@@ -290,7 +300,7 @@ def run(args: argparse.Namespace) -> dict:
         inputs=args.inputs, act_dtype="float16", device=args.device, fast=not args.exact, evaluate=False, work_dir=work / "stream-work"
     )
     rows: list[dict] = []
-    with instrumented() as timers, RssSampler() as rss:
+    with instrumented(error_metrics=not args.no_error_metrics) as timers, RssSampler() as rss:
 
         def on_block(index: int, entry: dict) -> None:
             row = _split(entry["timings"], timers.take())
@@ -334,6 +344,7 @@ def run(args: argparse.Namespace) -> dict:
             "inputs": args.inputs,
             "device": report["streaming"]["device"],
             "batch_size": args.batch_size,
+            "error_metrics": not args.no_error_metrics,
         },
         "checkpoint_build_s": build_s,
         "blocks": rows,
@@ -361,7 +372,8 @@ def format_report(r: dict) -> str:
     lines = [
         f"Llama-2-7B-shaped, {r['shape']['layers']} block(s); {r['settings']['tokens']} calibration tokens "
         f"({r['settings']['calib_samples']} × {r['settings']['seq_len']}); rank {r['settings']['rank']}; "
-        f"fast={r['settings']['fast']}; inputs={r['settings']['inputs']}; device={r['settings']['device']}",
+        f"fast={r['settings']['fast']}; inputs={r['settings']['inputs']}; device={r['settings']['device']}"
+        + ("" if r["settings"]["error_metrics"] else "; WHAT-IF: per-layer error metrics skipped"),
         f"machine: {r['machine']['cpus']} CPUs, torch threads {r['machine']['torch_threads']}, "
         f"load average at start {r['machine']['load_avg_start'][0]:.1f}, at end {r['machine']['load_avg_end'][0]:.1f}",
         "",
@@ -400,6 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--inputs", choices=["fp", "compressed"], default="fp")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--exact", action="store_true", help="eigh + full SVD instead of Cholesky + randomized SVD")
+    p.add_argument("--no-error-metrics", action="store_true", help="what-if: skip the per-layer tr(E G Eᵀ) diagnostics to time the EoRA core alone")
     p.add_argument("--json", help="where to write the JSON figures (default <work>/bench.json)")
     p.add_argument("--keep", action="store_true", help="keep the synthetic checkpoint and outputs")
     p.add_argument("--seed", type=int, default=0)

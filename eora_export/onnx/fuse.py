@@ -55,9 +55,53 @@ def _check_model(model: Any) -> onnx.ModelProto:
     return model
 
 
+# Arity of the standard ops the matcher indexes by position: (min inputs, max inputs).
+_ARITY = {"MatMul": (2, 2), "Add": (2, 2), "DequantizeLinear": (2, 3)}
+# Python exceptions that mean "the graph breaks the ONNX spec" if the matcher meets them anyway.
+_MALFORMED = (IndexError, KeyError, TypeError, AttributeError, OverflowError, RecursionError, UnicodeError)
+
+
+def _check_structure(graph: onnx.GraphProto) -> None:
+    """ValueError for a graph the matcher cannot index: a hostile or corrupt file, not a near miss."""
+    produced: set[str] = set()
+    for node in graph.node:
+        label = node.name if isinstance(node.name, str) and node.name else node.op_type
+        names = (node.name, node.op_type, node.domain, *node.input, *node.output)
+        if not all(isinstance(s, str) for s in names):
+            raise ValueError(f"malformed ONNX graph: node {label!r} has names that are not UTF-8 text")
+        if not node.output or not all(node.output):
+            raise ValueError(f"malformed ONNX graph: {node.op_type} node {label!r} has a missing or empty output")
+        for o in node.output:
+            if o in produced:
+                raise ValueError(f"malformed ONNX graph: tensor {o!r} is produced by more than one node")
+            produced.add(o)
+        if node.domain in ("", "ai.onnx") and node.op_type in _ARITY:
+            lo, hi = _ARITY[node.op_type]
+            if not lo <= len(node.input) <= hi or len(node.output) != 1:
+                raise ValueError(f"malformed ONNX graph: {node.op_type} node {label!r} has {len(node.input)} inputs and "
+                                 f"{len(node.output)} outputs")
+            for a in node.attribute:
+                if a.type != onnx.AttributeProto.INT:
+                    raise ValueError(f"malformed ONNX graph: {node.op_type} node {label!r} attribute {a.name!r} is not an int")
+    for t in graph.initializer:
+        if not isinstance(t.name, str):
+            raise ValueError("malformed ONNX graph: an initializer name is not UTF-8 text")
+
+
 def fuse(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FuseReport]:
-    """Return a fused copy of ``model`` and the report; ``model`` is not modified."""
+    """Return a fused copy of ``model`` and the report; ``model`` is not modified.
+
+    A malformed graph (hostile or corrupt file) raises ValueError, never another exception.
+    """
     _check_model(model)
+    _check_structure(model.graph)
+    try:
+        return _fuse(model)
+    except _MALFORMED as e:
+        raise ValueError(f"malformed ONNX graph ({type(e).__name__}: {e}); check the file with onnx.checker") from e
+
+
+def _fuse(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FuseReport]:
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
@@ -148,8 +192,19 @@ def _fused_node(m: Match) -> onnx.NodeProto:
 
 
 def unfuse(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Return a copy with every ``eora::EoraLinear`` node replaced by the canonical pattern."""
+    """Return a copy with every ``eora::EoraLinear`` node replaced by the canonical pattern.
+
+    A malformed graph (hostile or corrupt file) raises ValueError, never another exception.
+    """
     _check_model(model)
+    _check_structure(model.graph)
+    try:
+        return _unfuse(model)
+    except _MALFORMED as e:
+        raise ValueError(f"malformed ONNX graph ({type(e).__name__}: {e}); check the file with onnx.checker") from e
+
+
+def _unfuse(model: onnx.ModelProto) -> onnx.ModelProto:
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph

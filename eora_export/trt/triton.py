@@ -53,20 +53,21 @@ instance_group [
 """
 
 
-def write_repository(model_file: Path, repo_dir: Path, model: TritonModel, external_data: list[Path] = ()) -> Path:
-    """Lay out ``repo_dir/<name>/config.pbtxt`` and ``repo_dir/<name>/1/<model file>``.
-
-    The caller writes ``repo_dir`` inside an atomic folder; external-data files of an ONNX
-    model travel beside it.
-    """
+def write_model_dir(model_file: Path, model_dir: Path, model: TritonModel, external_data: list[Path] = ()) -> Path:
+    """Fill one model folder: ``model_dir/config.pbtxt`` and ``model_dir/1/<model file>``."""
     platform, target = PLATFORMS[model_file.suffix]
-    version = repo_dir / model.name / "1"
+    version = model_dir / "1"
     version.mkdir(parents=True, exist_ok=True)
     shutil.copy2(model_file, version / target)
     for extra in external_data:
         shutil.copy2(extra, version / extra.name)
-    (repo_dir / model.name / "config.pbtxt").write_text(config_pbtxt(model, platform))
-    return repo_dir / model.name
+    (model_dir / "config.pbtxt").write_text(config_pbtxt(model, platform))
+    return model_dir
+
+
+def write_repository(model_file: Path, repo_dir: Path, model: TritonModel, external_data: list[Path] = ()) -> Path:
+    """Lay out ``repo_dir/<name>/config.pbtxt`` and ``repo_dir/<name>/1/<model file>``."""
+    return write_model_dir(model_file, repo_dir / model.name, model, external_data)
 
 
 def serve_command(repo_dir: Path, plugin_lib: Path | None) -> str:
