@@ -12,9 +12,15 @@ Writes ``eora_export/demo_model/``: config, fp16 safetensors, tokenizer,
 ``calib.txt``, ``heldout.txt``, ``train_metrics.json`` and ``MODEL_CARD.md``
 with held-out perplexity for FP16, INT4 RTN (group 128) and 2:4 pruning.
 
+The LR schedule follows max(step / --steps, elapsed / --max-minutes), so a run
+always ends within its wall-time budget; on a busy, shared CPU that means fewer
+steps, and ``--init-from`` adds a further stage (new warmup + cosine cycle) on
+top of a saved model. MODEL_CARD.md lists every stage's exact command.
+
 Usage::
 
-    python tools/train_demo.py --out eora_export/demo_model --steps 2400 --seed 0
+    python tools/train_demo.py --out eora_export/demo_model --steps 2400 --seed 0 --max-minutes 35
+    python tools/train_demo.py --init-from eora_export/demo_model --out eora_export/demo_model --lr 2e-3
 """
 
 from __future__ import annotations

@@ -86,6 +86,7 @@ class LsiConfig:
     seed: int = 0
     weight_decay: float = 0.0  # decay pulls δ and γ back to the RTN start; off by default
     activations: str = "auto"
+    target: str = "fp"  # "fp": FP block on FP inputs (OmniQuant); "local": FP block on the quantized inputs
     progress: bool = True
 
     def validate(self) -> None:
@@ -97,6 +98,8 @@ class LsiConfig:
             raise UsageError(f"LSI needs epochs >= 0 and batch size > 0, got {self.epochs} and {self.batch_size}")
         if self.lr < 0 or self.clip_lr < 0 or self.weight_decay < 0:
             raise UsageError("LSI learning rates and weight decay must be non-negative")
+        if self.target not in ("fp", "local"):
+            raise UsageError(f"LSI target must be 'fp' or 'local', got {self.target!r}")
         if self.activations not in ("auto", "float32", "float16"):
             raise UsageError(f"activations must be auto, float32 or float16, got {self.activations!r}")
 
@@ -447,7 +450,10 @@ def lsi_compress(
             _propagate(block, q, kwargs_by_bs, cfg.batch_size, dtype)
             continue
         t0 = time.perf_counter()
-        # Target: the FP block on FP inputs, written over the FP stream (its inputs are not needed again).
+        # Target, written over the FP stream (its inputs are not needed again): the FP block on
+        # the FP inputs, or with target="local" on the quantized inputs.
+        if cfg.target == "local":
+            fp.copy_(q)
         _propagate(block, fp, kwargs_by_bs, cfg.batch_size, dtype)
         wrappers = {n: make(n) for n in by_block[i]}
         grad_flags = {p: p.requires_grad for p in block.parameters()}
