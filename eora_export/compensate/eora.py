@@ -16,6 +16,8 @@ Everything runs in float64 and returns float64.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +27,22 @@ _EPS64 = torch.finfo(torch.float64).eps
 # Cholesky is trusted only while the smallest pivot stays this far above rounding noise;
 # below it the damped directions would be inverted, which is what the eigen root avoids.
 _CHOLESKY_MIN_RELATIVE_PIVOT = 1e-10
+
+
+# Below this size LAPACK gains nothing from a second thread, and on a loaded machine
+# OpenMP's spinning made eigh of a 768² matrix 13x slower with two threads than with one.
+_SINGLE_THREAD_BELOW = 2048
+
+
+@contextlib.contextmanager
+def _linalg_threads(n: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    if n < _SINGLE_THREAD_BELOW and before > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @dataclass(frozen=True)
@@ -88,7 +106,8 @@ def gram_root(gram: Tensor, fast: bool = False) -> GramRoot:
                 pivots = chol.diagonal().square()
                 if pivots.min() > pivots.max() * _CHOLESKY_MIN_RELATIVE_PIVOT:
                     return GramRoot(chol=chol)
-    eigvals, eigvecs = torch.linalg.eigh(g)
+    with _linalg_threads(n):
+        eigvals, eigvecs = torch.linalg.eigh(g)
     lam_max = eigvals.max().clamp(min=0)
     keep = eigvals > lam_max * n * _EPS64
     return GramRoot(basis=eigvecs[:, keep], sqrt_eig=eigvals[keep].sqrt())
@@ -132,11 +151,12 @@ def eora_factors_from_root(
     if root.data_rank == 0:
         return torch.zeros(out_f, rank, dtype=torch.float64), torch.zeros(rank, dw.shape[1], dtype=torch.float64)
     m = root.whiten(dw)
-    if fast and rank + 16 < min(m.shape):
-        u, s, v = torch.svd_lowrank(m, q=min(rank + 32, min(m.shape)), niter=4)
-        vh = v.T
-    else:
-        u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    with _linalg_threads(max(m.shape)):
+        if fast and rank + 16 < min(m.shape):
+            u, s, v = torch.svd_lowrank(m, q=min(rank + 32, min(m.shape)), niter=4)
+            vh = v.T
+        else:
+            u, s, vh = torch.linalg.svd(m, full_matrices=False)
     b, a_white = _split_sqrt(u, s, vh, rank, out_f)
     return b, root.unwhiten_rows(a_white)
 
@@ -162,7 +182,8 @@ def svd_factors(delta_w: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     Frobenius norm, ignoring activations. delta_w: [out, in] -> B [out, rank], A [rank, in]."""
     _check_rank(delta_w, rank)
     check_finite(delta_w, "weight error ΔW")
-    u, s, vh = torch.linalg.svd(delta_w.to(torch.float64), full_matrices=False)
+    with _linalg_threads(max(delta_w.shape)):
+        u, s, vh = torch.linalg.svd(delta_w.to(torch.float64), full_matrices=False)
     return _split_sqrt(u, s, vh, rank, delta_w.shape[0])
 
 
