@@ -32,9 +32,15 @@ finished block. Every block reseeds the RNG from (seed, block index), so the ran
 SVD draws the same numbers whether or not the run was interrupted, and the resumed
 outputs equal an uninterrupted run's bit for bit.
 
-Peak memory for a 7B model (measured by ``tools/bench_pipeline.py``) is one float32
-block, its four Grams (the largest 11008² float64 = 0.97 GB), the compressed codes of
-that block, and two activation tensors of n × seq × hidden; depth does not change it.
+Peak memory for a 7B model is one float32 block (0.8 GB), its four Grams (the largest
+11008² float64 = 0.97 GB), the compressed block, and two activation tensors of
+n × seq × hidden; depth does not change it. ``tools/bench_pipeline.py`` measured a peak
+RSS of 8.75 GiB on Llama-2-7B shapes (32 × 512 calibration tokens, rank 128), most of
+it transient copies of the 11008² Gram inside the EoRA root computation.
+
+Fast path: ``StreamOptions.fast=None`` uses Cholesky + randomized SVD when the hidden
+size is ≥ FAST_MIN_HIDDEN (eigh + full SVD of a 7B block takes ~7 min on 2 cores), and
+the exact path for small models, which is what the in-memory pipeline does by default.
 """
 
 from __future__ import annotations
