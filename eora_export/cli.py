@@ -55,7 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--skip", action="append", default=[], metavar="PATTERN",
                    help="leave Linears matching this pattern in FP16 (repeatable)")
     g = p.add_argument_group("compensation")
-    g.add_argument("--method", choices=["eora", "svd", "none"], default="eora", help="default: eora")
+    g.add_argument("--method", choices=["eora", "svd", "none", "lsi", "lsi+eora"], default="eora",
+                   help="eora, svd, none, or LSI (learnable singular-value increments, trained block by block) "
+                   "alone or followed by EoRA (default: eora)")
+    g.add_argument("--lsi-epochs", type=int, default=5, help="LSI epochs per block (default: 5)")
+    g.add_argument("--lsi-lr", type=float, default=1e-3, help="LSI learning rate, in units of the mean singular value (default: 1e-3)")
     g.add_argument("--rank", type=int, default=16,
                    help="rank of the low-rank residual; clamped per layer to min(out, in) (default: 16)")
     g.add_argument("--lowrank-bits", type=int, default=4, help="storage of the factors: 4, 8 or 16 (default: 4)")
@@ -109,7 +113,7 @@ def _run(args: argparse.Namespace) -> int:
         lowrank_bits=args.lowrank_bits, lowrank_group_size=args.lowrank_group_size, quant=args.quant, bits=args.bits,
         group_size=args.group_size, sparsity=args.sparsity, calib=args.calib, calib_samples=args.calib_samples,
         seq_len=args.seq_len, eval_file=args.eval_file, eval_samples=args.eval_samples, sweep_ranks=args.sweep_ranks,
-        compare=not args.no_compare, fast=args.fast, only=args.only, skip=args.skip,
+        compare=not args.no_compare, lsi_epochs=args.lsi_epochs, lsi_lr=args.lsi_lr, fast=args.fast, only=args.only, skip=args.skip,
         batch_size=args.batch_size, seed=args.seed, format=fmt, deploy_out=None if fmt == "dir" else args.out,
     )
     if fmt == "trtllm":

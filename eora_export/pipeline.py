@@ -19,6 +19,7 @@ from .adapter import save_compressed_base, save_peft_adapter
 from .atomic import atomic_dir
 from .calibration import CalibSource, calibration_windows, collect_grams, read_texts, token_windows
 from .compensate.apply import CompensationConfig, LayerResult, compensate_layers, layer_rank, swapped
+from .compensate.lsi import LsiConfig, lsi_compress
 from .compress import CompressConfig, compress_model
 from .errors import BadInput, UsageError
 from .evaluate import perplexity
@@ -27,6 +28,9 @@ from .report import format_table, plot_layer_errors, plot_ppl_vs_rank, write_jso
 from .validate import preflight
 
 log = logging.getLogger("eora_export")
+
+
+METHOD_CHOICES = ("eora", "svd", "none", "lsi", "lsi+eora")
 
 
 @dataclass
@@ -48,6 +52,8 @@ class RunConfig:
     eval_samples: int = 64
     sweep_ranks: list[int] | None = None  # None: a default sweep around --rank
     compare: bool = True  # also evaluate SVD and no compensation beside --method
+    lsi_epochs: int = 5
+    lsi_lr: float = 1e-3
     fast: bool = False
     only: list[str] = field(default_factory=list)
     skip: list[str] = field(default_factory=list)
@@ -66,8 +72,12 @@ class RunConfig:
         )
 
     def validate(self) -> None:
-        if self.method not in ("eora", "svd", "none"):
-            raise UsageError(f"unknown --method {self.method}; use eora, svd or none")
+        if self.method not in METHOD_CHOICES:
+            raise UsageError(f"unknown --method {self.method}; use one of {', '.join(METHOD_CHOICES)}")
+        if self.method.startswith("lsi") and self.sparsity != "none":
+            raise UsageError("--method lsi trains quantized weights and does not keep a 2:4 mask; use --sparsity none")
+        if self.method.startswith("lsi") and self.quant == "none":
+            raise UsageError("--method lsi needs a weight quantizer (--quant rtn, gptq or awq) to start from")
         if self.method != "none" and self.rank <= 0:
             raise UsageError(f"--rank must be a positive integer, got {self.rank}")
         if self.lowrank_bits not in (4, 8, 16):
@@ -179,12 +189,22 @@ def compute(cfg: RunConfig, progress: bool = True) -> RunResult:
 
     methods = ["none"]
     if cfg.method != "none":
-        methods += [m for m in ("svd", "eora") if m != cfg.method and cfg.compare] + [cfg.method]
+        methods += [m for m in ("svd", "eora") if cfg.compare or m == cfg.method]
     results: dict[str, dict[str, LayerResult]] = {}
     t = time.perf_counter()
     for method in methods:
         results[method] = compensate_layers(compressed, grams, cfg.compensation(method), biases, progress)
     timings["compensate_s"] = time.perf_counter() - t
+    if cfg.method.startswith("lsi"):
+        # LSI retrains the quantized weights (starting from the compressor's scales);
+        # lsi+eora then compensates what error remains.
+        t = time.perf_counter()
+        lsi_cfg = LsiConfig(bits=cfg.bits, group_size=cfg.group_size, epochs=cfg.lsi_epochs, lr=cfg.lsi_lr, progress=progress)
+        lsi_compressed = lsi_compress(compressed_model, c_linears, lsi_cfg, calib, base=compressed)
+        timings["lsi_s"] = time.perf_counter() - t
+        results["lsi"] = compensate_layers(lsi_compressed, grams, cfg.compensation("none"), biases, progress)
+        results["lsi+eora"] = compensate_layers(lsi_compressed, grams, cfg.compensation("eora"), biases, progress)
+        methods += ["lsi", "lsi+eora"]
     for method in methods:
         label = "compressed" if method == "none" else f"compressed+{method}"
         with swapped(compressed_model, {n: r.module for n, r in results[method].items()}):
@@ -247,7 +267,7 @@ def write_outputs(cfg: RunConfig, result: RunResult) -> None:
     modules = {n: r.module for n, r in result.modules.items()}
     with atomic_dir(cfg.out) as tmp:
         save_compressed_base(result.model, result.tokenizer, modules, tmp / "base", meta)
-        if cfg.method != "none":
+        if any(m.rank for m in modules.values()):
             save_peft_adapter(modules, tmp / "adapter", str(result.model_path), meta)
         write_json(report, tmp / "report.json")
         plot_layer_errors(report["layers"], tmp / "per_layer_error.png")
