@@ -88,6 +88,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--opt-seq", type=int, default=128, help="engine profile: sequence length to tune for (default: 128)")
     g.add_argument("--timing-cache", type=Path, help="TensorRT timing cache reused between builds (default: beside the plan)")
     g.add_argument("--triton-name", default="eora_llm", help="model name in the Triton repository (default: eora_llm)")
+    g = p.add_argument_group("large models (block-by-block streaming)")
+    g.add_argument("--stream", action="store_true",
+                   help="process one decoder block at a time from memory-mapped safetensors (automatic above 1B parameters)")
+    g.add_argument("--resume", action="store_true", help="streaming: continue an interrupted run from its last finished block")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="streaming: where the math runs (default: auto)")
+    g.add_argument("--work-dir", type=Path, help="streaming: per-block work folder (default: <out>.stream-work)")
+    g.add_argument("--stream-inputs", choices=["fp", "compressed"], default="fp",
+                   help="streaming: calibrate each block on FP inputs, or on the compressed blocks' outputs (sequential)")
+    g.add_argument("--stream-act-dtype", choices=["float16", "float32"], default="float16",
+                   help="streaming: storage of hidden states between blocks (default: float16)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
@@ -120,12 +130,35 @@ def _run(args: argparse.Namespace) -> int:
         from .trtllm import check_trtllm_config
 
         check_trtllm_config(cfg)  # before minutes of work, not after
+    if _streams(args):
+        return _run_streaming(args, fmt, cfg)
     result = compute(cfg, progress=not args.quiet)
     write_outputs(cfg, result)
     print(result.report["table"])
     print(f"report, adapter and compressed checkpoint: {cfg.out}/")
     if fmt != "dir":
         return write_deployment(args, fmt, cfg, result)
+    return 0
+
+
+def _streams(args: argparse.Namespace) -> bool:
+    from .models import resolve_model
+    from .streaming import count_parameters
+
+    return args.stream or args.resume or count_parameters(resolve_model(args.model)) > 1e9
+
+
+def _run_streaming(args: argparse.Namespace, fmt: str, cfg) -> int:
+    from .models import resolve_model
+    from .streaming import StreamOptions, run_streaming
+
+    if fmt != "dir":
+        raise UsageError(f"--format {fmt} is not streamed yet: run the streaming job with a folder --out, then export from it")
+    opts = StreamOptions(inputs=args.stream_inputs, act_dtype=args.stream_act_dtype, device=args.device,
+                         work_dir=args.work_dir, resume=args.resume)
+    report = run_streaming(resolve_model(args.model), cfg, opts=opts, progress=not args.quiet)
+    print(report["table"])
+    print(f"report, adapter and compressed checkpoint: {cfg.out}/")
     return 0
 
 
