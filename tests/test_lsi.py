@@ -205,5 +205,20 @@ def test_refuses_sparse_base_and_mismatched_settings(tiny):
         lsi_compress(model, {name: lin}, cfg, windows, base=other_bits)
     with pytest.raises(UsageError, match="decoder block"):
         lsi_compress(model, {"lm_head": model.lm_head}, LsiConfig(bits=4, group_size=128, epochs=0), windows)
-    with pytest.raises(UsageError):
-        LsiConfig(epochs=-1).validate()
+    for bad in (LsiConfig(epochs=-1), LsiConfig(target="both"), LsiConfig(bits=5), LsiConfig(activations="int8")):
+        with pytest.raises(UsageError):
+            bad.validate()
+
+
+def test_a_block_that_training_made_worse_keeps_its_starting_weights(tiny):
+    model, linears, windows = tiny
+    stats: list[dict] = []
+    cfg = LsiConfig(bits=4, epochs=1, lr=50.0, clip_lr=50.0, batch_size=8, progress=False)  # absurd steps
+    res = lsi_compress(model, linears, cfg, windows, stats=stats)
+    assert stats and all(s["mse_end"] <= s["mse_start"] for s in stats)
+    kept = [s for s in stats if s["mse_end"] == s["mse_start"]]
+    assert kept, "the absurd learning rate should have made at least one block worse"
+    for s in kept:
+        for n in s["linears"]:
+            rtn = quantize(linears[n].weight, 4, 128)
+            assert torch.equal(res[n].weight.q, rtn.q) and torch.equal(res[n].weight.scale, rtn.scale)

@@ -490,6 +490,19 @@ def lsi_compress(
             fixed = {n: _FixedLinear(exported[n].dequantize(), linears[n].bias) for n in wrappers}
             _swap(block, f"{prefix}.{i}", fixed)
             mse_end = _stream_mse(block, q, fp, kwargs_by_bs, cfg.batch_size, dtype)
+            if mse_end > mse_start:
+                # Training made this block worse on its own data (an unlucky STE run): ship the
+                # starting weights instead, so LSI never ends behind where it started.
+                log.warning("LSI block %d: MSE rose %.4e -> %.4e; keeping the starting weights", i, mse_start, mse_end)
+                with torch.no_grad():
+                    for m in wrappers.values():
+                        m.eps.zero_()
+                        if m.gamma is not None:
+                            m.gamma.zero_()
+                exported = {n: m.export() for n, m in wrappers.items()}
+                fixed = {n: _FixedLinear(exported[n].dequantize(), linears[n].bias) for n in wrappers}
+                _swap(block, f"{prefix}.{i}", fixed)
+                mse_end = mse_start
             if i < last:
                 _propagate(block, q, kwargs_by_bs, cfg.batch_size, dtype)
         finally:
