@@ -58,11 +58,12 @@ def check_group(cols: int, group_size: int, what: str = "matrix") -> None:
     if group_size <= 0 or cols % group_size:
         raise ValueError(
             f"group size {group_size} does not divide the {what}'s {cols} input columns; "
-            f"choose a group size that divides {cols} (e.g. {_divisor_hint(cols)})"
+            f"choose a group size that divides {cols} (e.g. {divisor_hint(cols)})"
         )
 
 
-def _divisor_hint(n: int) -> int:
+def divisor_hint(n: int) -> int:
+    """The largest of 128, 64, ... 2 dividing ``n`` (for error messages), else ``n``."""
     for g in (128, 64, 32, 16, 8, 4, 2):
         if n % g == 0:
             return g

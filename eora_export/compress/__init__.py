@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from ..calibration import GramStore
 from ..errors import BadInput, UsageError
-from ..quant import QuantizedMatrix, quantize
+from ..quant import QuantizedMatrix, divisor_hint, quantize
 from .gptq import gptq, single_thread
 from .int4 import AwqFold, awq_fold, output_error, rtn
 from .sparse24 import is_24, magnitude_24, modelopt_masks, refit_24, sparsegpt_24
@@ -68,13 +68,6 @@ class CompressedLinear:
     awq: AwqFold | None = None  # AWQ only: reference = diag(1/out_scale) · W_original · diag(in_scale)
 
 
-def _divisor_hint(n: int) -> int:
-    for g in (128, 64, 32, 16, 8, 4, 2):
-        if n % g == 0:
-            return g
-    return n
-
-
 def _validate(linears: dict[str, nn.Linear], grams: GramStore, cfg: CompressConfig) -> None:
     if cfg.quant not in QUANT_METHODS:
         raise UsageError(f"unknown quantization method {cfg.quant!r}; use one of {', '.join(QUANT_METHODS)}")
@@ -100,7 +93,7 @@ def _validate(linears: dict[str, nn.Linear], grams: GramStore, cfg: CompressConf
         if cfg.quant != "none" and cols % cfg.group_size:
             raise UsageError(
                 f"group size {cfg.group_size} does not divide in_features={cols} of {name}; "
-                f"choose a group size that divides {cols} (e.g. --group-size {_divisor_hint(cols)})"
+                f"choose a group size that divides {cols} (e.g. --group-size {divisor_hint(cols)})"
             )
         if cfg.sparsity != "none" and cols % 4:
             raise UsageError(f"2:4 sparsity needs in_features divisible by 4; {name} has {cols}; use --sparsity none")
