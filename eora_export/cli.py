@@ -145,7 +145,12 @@ def _streams(args: argparse.Namespace) -> bool:
     from .models import resolve_model
     from .streaming import count_parameters
 
-    return args.stream or args.resume or count_parameters(resolve_model(args.model)) > 1e9
+    if args.stream or args.resume:
+        return True
+    try:
+        return count_parameters(resolve_model(args.model)) > 1e9
+    except Exception:  # a broken checkpoint: preflight names the problem in its own words
+        return False
 
 
 def _run_streaming(args: argparse.Namespace, fmt: str, cfg) -> int:
