@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .modules import EoraLinear
-from .quant import pack_int4
+from .quant import QuantizedMatrix, pack_int4, unpack_int4
 
 
 def peft_state_dict(modules: dict[str, EoraLinear]) -> dict[str, torch.Tensor]:
@@ -70,23 +70,79 @@ def save_peft_adapter(modules: dict[str, EoraLinear], out_dir: Path, base_model:
     return out_dir
 
 
+def graph_layout(prefix: str, qm: QuantizedMatrix) -> dict[str, torch.Tensor]:
+    """One matrix in the graph layout: ``[rows, cols]`` stored transposed as ``[K, N] = [cols, rows]``.
+
+    bits 16: ``<prefix>`` float16 ``[K, N]``; else ``<prefix>_packed`` (uint8 ``[K, N/2]``, two
+    codes per byte along N, when ≤ 4 bits and N is even; int8 ``[K, N]`` codes otherwise) and
+    ``<prefix>_scale`` float16 ``[K/group, N]``. The dtype says which: uint8 is packed.
+    """
+    codes = qm.q.T.contiguous()
+    if qm.bits == 16:
+        return {prefix: codes.to(torch.float16)}
+    packed = qm.bits <= 4 and codes.shape[1] % 2 == 0
+    return {f"{prefix}_packed": pack_int4(codes) if packed else codes, f"{prefix}_scale": qm.scale.T.contiguous()}
+
+
+def graph_layout_specs(prefix: str, bits: int, group_size: int, rows: int, cols: int) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    """(key, dtype, shape) of what :func:`graph_layout` writes, without the tensors (for streamed writers)."""
+    if bits == 16:
+        return [(prefix, torch.float16, (cols, rows))]
+    packed = bits <= 4 and rows % 2 == 0
+    codes = (f"{prefix}_packed", torch.uint8, (cols, rows // 2)) if packed else (f"{prefix}_packed", torch.int8, (cols, rows))
+    return [codes, (f"{prefix}_scale", torch.float16, (cols // group_size, rows))]
+
+
+def read_graph_layout(get, keys: set[str], prefix: str, bits: int, group_size: int) -> QuantizedMatrix:
+    """Inverse of :func:`graph_layout`; ``get(key)`` returns a stored tensor."""
+    if bits == 16:
+        return QuantizedMatrix(get(prefix).T.contiguous(), None, 16, 0)
+    codes = get(f"{prefix}_packed")
+    if codes.dtype == torch.uint8:
+        codes = unpack_int4(codes)
+    return QuantizedMatrix(codes.T.contiguous(), get(f"{prefix}_scale").T.contiguous(), bits, group_size)
+
+
+def layer_entry(mod: EoraLinear) -> dict:
+    """What quantization.json records of one compensated Linear."""
+    wq = mod.weight_q
+    entry = {
+        "in_features": mod.in_features, "out_features": mod.out_features, "bits": wq.bits,
+        "group_size": wq.group_size, "sparse24": mod.sparse24, "rank": mod.rank,
+        "lowrank_bits": mod.lowrank_bits, "has_bias": mod.bias is not None,
+    }
+    if mod.rank:
+        entry["lowrank_group_size"] = [mod.a_q.group_size, mod.b_q.group_size]
+    return entry
+
+
 def quantized_state_dict(modules: dict[str, EoraLinear]) -> tuple[dict[str, torch.Tensor], dict]:
-    """Packed codes in the graph layout ([K, N], INT4 two per byte along N) and fp16 scales."""
+    """Packed codes in the graph layout ([K, N], INT4 two per byte along N) and fp16 scales.
+
+    Per Linear: ``<name>.weight_*`` (W_c) and, when compensated, ``<name>.lora_a_*`` /
+    ``<name>.lora_b_*`` (A as ``[in, r]``, B as ``[r, out]``: the graph's MatMul operands) with
+    their own codes and scales, so every EoraLinear can be rebuilt exactly from the folder
+    (the adapter holds only the dequantized fp16 values).
+    """
     tensors, layers = {}, {}
     for name, mod in modules.items():
-        wq = mod.weight_q
-        layers[name] = {
-            "in_features": mod.in_features, "out_features": mod.out_features, "bits": wq.bits,
-            "group_size": wq.group_size, "sparse24": mod.sparse24, "rank": mod.rank,
-            "lowrank_bits": mod.lowrank_bits,
-        }
-        if wq.bits == 16:
-            tensors[f"{name}.weight"] = wq.q.T.contiguous()
-            continue
-        codes = wq.q.T.contiguous()
-        tensors[f"{name}.weight_packed"] = pack_int4(codes) if wq.bits <= 4 else codes
-        tensors[f"{name}.weight_scale"] = wq.scale.T.contiguous()
+        layers[name] = layer_entry(mod)
+        tensors.update(graph_layout(f"{name}.weight", mod.weight_q))
+        if mod.rank:
+            tensors.update(graph_layout(f"{name}.lora_a", mod.a_q))
+            tensors.update(graph_layout(f"{name}.lora_b", mod.b_q))
     return tensors, layers
+
+
+def quantized_specs(name: str, entry: dict) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    """(key, dtype, shape) that :func:`quantized_state_dict` writes for one layer entry."""
+    out_f, in_f, r = entry["out_features"], entry["in_features"], entry["rank"]
+    specs = graph_layout_specs(f"{name}.weight", entry["bits"], entry["group_size"], out_f, in_f)
+    if r:
+        ga, gb = entry["lowrank_group_size"]
+        specs += graph_layout_specs(f"{name}.lora_a", entry["lowrank_bits"], ga, r, in_f)
+        specs += graph_layout_specs(f"{name}.lora_b", entry["lowrank_bits"], gb, out_f, r)
+    return specs
 
 
 def save_compressed_base(model: nn.Module, tokenizer, modules: dict[str, EoraLinear], out_dir: Path, meta: dict) -> Path:

@@ -78,16 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-compare", action="store_true", help="evaluate only --method, not SVD beside it")
     g.add_argument("--batch-size", type=int, default=8)
     g.add_argument("--seed", type=int, default=0)
-    g = p.add_argument_group("export (ONNX / TensorRT / Triton)")
-    g.add_argument("--verify", action="store_true",
-                   help="with ONNX outputs: compare FP16 baseline, compressed, SVD and EoRA graphs through Polygraphy")
-    g.add_argument("--kv-cache", action="store_true", help="export graphs with past/present key-value inputs and outputs")
-    g.add_argument("--plugin-lib", type=Path, help="libeora_plugin.so (default: $EORA_PLUGIN_LIB or the built one)")
-    g.add_argument("--max-batch", type=int, default=8, help="engine profile: largest batch (default: 8)")
-    g.add_argument("--max-seq", type=int, default=1024, help="engine profile: longest sequence (default: 1024)")
-    g.add_argument("--opt-seq", type=int, default=128, help="engine profile: sequence length to tune for (default: 128)")
-    g.add_argument("--timing-cache", type=Path, help="TensorRT timing cache reused between builds (default: beside the plan)")
-    g.add_argument("--triton-name", default="eora_llm", help="model name in the Triton repository (default: eora_llm)")
+    add_export_flags(p, verify=True)
     g = p.add_argument_group("large models (block-by-block streaming)")
     g.add_argument("--stream", action="store_true",
                    help="process one decoder block at a time from memory-mapped safetensors (automatic above 1B parameters)")
@@ -101,6 +92,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
+
+
+def add_export_flags(p: argparse.ArgumentParser, verify: bool = False) -> None:
+    """Flags of the deployable outputs, shared by the main command and ``eora-export export``."""
+    g = p.add_argument_group("export (ONNX / TensorRT / Triton)")
+    if verify:
+        g.add_argument("--verify", action="store_true",
+                       help="with ONNX outputs: compare FP16 baseline, compressed, SVD and EoRA graphs through Polygraphy")
+    g.add_argument("--kv-cache", action="store_true", help="export graphs with past/present key-value inputs and outputs")
+    g.add_argument("--plugin-lib", type=Path, help="libeora_plugin.so (default: $EORA_PLUGIN_LIB or the built one)")
+    g.add_argument("--max-batch", type=int, default=8, help="engine profile: largest batch (default: 8)")
+    g.add_argument("--max-seq", type=int, default=1024, help="engine profile: longest sequence (default: 1024)")
+    g.add_argument("--opt-seq", type=int, default=128, help="engine profile: sequence length to tune for (default: 128)")
+    g.add_argument("--timing-cache", type=Path, help="TensorRT timing cache reused between builds (default: beside the plan)")
+    g.add_argument("--triton-name", default="eora_llm", help="model name in the Triton repository (default: eora_llm)")
 
 
 def output_format(args: argparse.Namespace) -> str:
@@ -153,18 +159,31 @@ def _streams(args: argparse.Namespace) -> bool:
         return False
 
 
+STREAMED_FORMATS = ("dir", "onnx", "plan", "triton")
+
+
 def _run_streaming(args: argparse.Namespace, fmt: str, cfg) -> int:
+    from .deploy import write_deployment
     from .models import resolve_model
+    from .outputs import FolderResult
     from .streaming import StreamOptions, run_streaming
 
-    if fmt != "dir":
-        raise UsageError(f"--format {fmt} is not streamed yet: run the streaming job with a folder --out, then export from it")
+    if fmt not in STREAMED_FORMATS:
+        raise UsageError(f"--format {fmt} is not streamed: stream to a folder (--out DIR), then load DIR/base and DIR/adapter "
+                         "with the TensorRT-LLM recipe in the README")
+    if getattr(args, "verify", False):
+        raise UsageError("--verify compares whole models in memory and is not streamed; drop --verify, then run "
+                         "`eora-export compare` on the written graphs")
     opts = StreamOptions(inputs=args.stream_inputs, act_dtype=args.stream_act_dtype, device=args.device,
                          work_dir=args.work_dir, resume=args.resume)
-    report = run_streaming(resolve_model(args.model), cfg, opts=opts, progress=not args.quiet)
+    model_path = resolve_model(args.model)
+    report = run_streaming(model_path, cfg, opts=opts, progress=not args.quiet)
     print(report["table"])
     print(f"report, adapter and compressed checkpoint: {cfg.out}/")
-    return 0
+    if fmt == "dir":
+        return 0
+    # The graphs are written from the finished folder, one decoder block in memory at a time.
+    return write_deployment(args, fmt, cfg, FolderResult(cfg.out, model_path))
 
 
 def _subcommand(argv: list[str]) -> int | None:
@@ -180,6 +199,7 @@ SUBCOMMANDS = {
     "compare": (".commands", "compare_main"),
     "inspect": (".commands", "inspect_main"),
     "build-plugin": (".commands", "build_plugin_main"),
+    "export": (".commands", "export_main"),
 }
 
 

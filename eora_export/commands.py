@@ -1,4 +1,4 @@
-"""Subcommands beside the main export: compare, inspect, build-plugin."""
+"""Subcommands beside the main export: compare, inspect, build-plugin, export."""
 
 from __future__ import annotations
 
@@ -80,3 +80,34 @@ def inspect_main(argv: list[str]) -> int:
         raise MissingInput(f"{args.path} not found")
     print(describe(args.path, as_json=args.json))
     return 0
+
+
+def export_main(argv: list[str]) -> int:
+    """Deployable outputs (ONNX, engine, Triton) from a finished output folder, one block in memory at a time."""
+    from .cli import FORMATS, add_export_flags, output_format
+    from .deploy import write_deployment
+    from .models import resolve_model
+    from .outputs import FolderResult, original_model_path, read_quantization
+
+    p = _parser("export", "Write ONNX graphs, a TensorRT engine or a Triton repository from an eora-export output folder "
+                "(in-memory, streamed or fine-tuned). Layers are read one decoder block at a time, so 7B folders fit in memory.")
+    p.add_argument("folder", type=Path, help="an eora-export output folder (holds base/ and adapter/)")
+    p.add_argument("--out", type=Path, required=True, help="X.onnx, X.plan, or a Triton repository folder with --format triton")
+    p.add_argument("--format", choices=[f for f in FORMATS if f in ("onnx", "plan", "triton")],
+                   help="default from --out: .onnx -> onnx, .plan -> plan")
+    p.add_argument("--model", help="the original FP16 model, for the baseline graph (default: the path the folder records)")
+    add_export_flags(p)
+    args = p.parse_args(argv)
+    fmt = output_format(args)
+    if fmt == "dir":
+        raise UsageError(f"--out {args.out} names no deployable output; give X.onnx, X.plan, or --format triton")
+    if fmt in ("onnx", "plan") and args.out.suffix not in (".onnx", ".plan", ".engine"):
+        raise UsageError(f"--format {fmt} needs --out ending in .{fmt}, got {args.out}")
+    if not args.folder.is_dir():
+        raise MissingInput(f"{args.folder} is not a folder; give the --out folder of an eora-export run")
+    read_quantization(args.folder / "base")
+    model_path = resolve_model(args.model) if args.model else original_model_path(args.folder)
+    if model_path is None:
+        raise MissingInput(f"the model {args.folder} was made from is not found; pass --model PATH for the FP16 baseline graph")
+    args.verify = False
+    return write_deployment(args, fmt, None, FolderResult(args.folder, model_path))

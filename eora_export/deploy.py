@@ -13,12 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
 from .atomic import atomic_dir, atomic_file, default_mode
 from .compensate.apply import compensate_layers, swapped
 from .errors import MissingDependency, MissingInput, UsageError
-from .models import load_model
 
 if TYPE_CHECKING:
     from .trt.build import ShapeProfile
@@ -42,16 +39,19 @@ def onnx_paths(out: Path) -> OnnxSet:
 
 def write_onnx(result, out: Path, kv_cache: bool = False) -> OnnxSet:
     """Fused + pattern graphs of the run's final modules, and the FP16 baseline graph
-    (each written atomically by the exporter; external data above 1.5 GiB)."""
+    (each written atomically by the exporter; external data above 1.5 GiB).
+
+    ``result``: a pipeline RunResult or an outputs.FolderResult (a finished folder, whose
+    layers are loaded one block at a time while the graph is written).
+    """
     from .onnx.export import export_baseline_onnx, export_onnx
 
     paths = onnx_paths(out)
-    modules = {n: r.module for n, r in result.modules.items()}
-    with swapped(result.model, modules):
-        export_onnx(result.model, paths.fused, kv_cache=kv_cache, fused=True)
-        export_onnx(result.model, paths.pattern, kv_cache=kv_cache, fused=False)
-    baseline, _ = load_model(result.model_path, torch.float16)
-    export_baseline_onnx(baseline, paths.baseline, kv_cache=kv_cache)
+    external = result.external_data
+    with result.export_model() as model:
+        export_onnx(model, paths.fused, kv_cache=kv_cache, fused=True, external_data=external)
+        export_onnx(model, paths.pattern, kv_cache=kv_cache, fused=False, external_data=external)
+    export_baseline_onnx(result.baseline_model(), paths.baseline, kv_cache=kv_cache, external_data=external)
     return paths
 
 

@@ -6,9 +6,11 @@ wires them and owns the output folder (written atomically).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -148,6 +150,17 @@ class RunResult:
     grams: object  # GramStore
     biases: dict
     held: torch.Tensor  # held-out windows [n, seq]
+    external_data: bool | None = None  # ONNX initializers in a side file: None decides by size
+
+    @contextlib.contextmanager
+    def export_model(self) -> Iterator[torch.nn.Module]:
+        """The compressed model with the final EoraLinear modules in place (restored after)."""
+        with swapped(self.model, {n: r.module for n, r in self.modules.items()}):
+            yield self.model
+
+    def baseline_model(self) -> torch.nn.Module:
+        """The uncompressed float16 model, for the baseline graph."""
+        return load_model(self.model_path, torch.float16)[0]
 
 
 def run(cfg: RunConfig, progress: bool = True) -> dict:

@@ -68,7 +68,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from . import __version__
-from .adapter import adapter_config, peft_state_dict, quantized_state_dict
+from .adapter import adapter_config, peft_state_dict, quantized_specs, quantized_state_dict
 from .atomic import atomic_dir, atomic_file, write_text
 from .calibration import GramCollector, GramStore
 from .compensate.apply import CompensationConfig, compensate_layers, layer_rank, swapped
@@ -941,22 +941,14 @@ def _assemble(ckpt: StreamingCheckpoint, manifest: dict, work: Path, cfg, out: P
     quant_specs, adapter_specs = [], []
     for name, e in layers.items():
         w = e["weight"]
-        out_f, in_f = e["out_features"], e["in_features"]
-        if w["bits"] == 16:
-            quant_specs.append((f"{name}.weight", f16, (in_f, out_f)))
-        else:
-            packed = w["bits"] <= 4
-            quant_specs.append(
-                (
-                    f"{name}.weight_packed",
-                    torch.uint8 if packed else torch.int8,
-                    (in_f, out_f // 2 if packed else out_f),
-                )
-            )
-            quant_specs.append((f"{name}.weight_scale", f16, (in_f // w["group_size"], out_f)))
-        if e["rank"]:
-            adapter_specs.append((f"base_model.model.{name}.lora_A.weight", f16, (e["rank"], in_f)))
-            adapter_specs.append((f"base_model.model.{name}.lora_B.weight", f16, (out_f, e["rank"])))
+        out_f, in_f, r = e["out_features"], e["in_features"], e["rank"]
+        entry = {"out_features": out_f, "in_features": in_f, "bits": w["bits"], "group_size": w["group_size"], "rank": r}
+        if r:
+            entry.update(lowrank_bits=e["a"]["bits"], lowrank_group_size=[e["a"]["group_size"], e["b"]["group_size"]])
+        quant_specs += quantized_specs(name, entry)
+        if r:
+            adapter_specs.append((f"base_model.model.{name}.lora_A.weight", f16, (r, in_f)))
+            adapter_specs.append((f"base_model.model.{name}.lora_B.weight", f16, (out_f, r)))
 
     with atomic_dir(out) as tmp:
         base_dir = tmp / "base"

@@ -3,7 +3,15 @@
 import pytest
 import torch
 
-from eora_export.compensate.eora import eora_factors, gram_root, svd_factors, weighted_error
+from eora_export.compensate.eora import (
+    eora_factors,
+    eora_factors_from_whitened,
+    gram_root,
+    svd_factors,
+    weighted_error,
+    whiten,
+    whitened_error,
+)
 
 
 def _data(n_tokens: int, d_in: int, seed: int, decay: float = 3.0) -> torch.Tensor:
@@ -135,3 +143,35 @@ def test_fast_path_falls_back_to_eigen_when_singular():
     delta = torch.randn(32, 64, dtype=torch.float64)
     fast = weighted_error(delta, gram, *eora_factors(delta, gram, 8, fast=True))
     assert fast == pytest.approx(_tail(delta, gram, 8), rel=1e-4)
+
+
+@pytest.mark.parametrize("n_samples", [4096, 20])  # Cholesky root, and the eigen fallback of a singular Gram
+def test_float32_whitened_path_matches_the_exact_optimum(n_samples):
+    """The fast path's float32 M = ΔW R: factors within 1e-4 of the optimum, metrics equal tr(E G Eᵀ)."""
+    d_in, d_out, rank = 256, 192, 16
+    gram = _gram(_data(n_samples, d_in, seed=21, decay=2.0))
+    g = torch.Generator().manual_seed(22)
+    delta = torch.randn(d_out, d_in, generator=g, dtype=torch.float64) * 0.01
+    delta += torch.randn(d_out, 6, generator=g, dtype=torch.float64) @ torch.randn(6, d_in, generator=g, dtype=torch.float64) * 0.05
+    root = gram_root(gram, fast=True)
+    root32 = root.to(torch.float32)
+    m = whiten(delta, root32)
+    assert m.dtype == torch.float32
+    b, a = eora_factors_from_whitened(m, root, rank)
+    assert b.dtype == a.dtype == torch.float64 and b.shape == (d_out, rank) and a.shape == (rank, d_in)
+    exact = weighted_error(delta, gram, *eora_factors(delta, gram, rank))
+    got = weighted_error(delta, gram, b, a)
+    assert exact <= got * (1 + 1e-9) and got <= exact * (1 + 1e-4)
+    assert whitened_error(m, root32) == pytest.approx(weighted_error(delta, gram), rel=1e-5)
+    assert whitened_error(m, root32, b, a) == pytest.approx(got, rel=1e-4)
+
+
+def test_fast_svd_baseline_matches_the_full_svd():
+    g = torch.Generator().manual_seed(23)
+    delta = torch.randn(192, 256, generator=g, dtype=torch.float64) @ torch.diag(torch.logspace(0, -3, 256, dtype=torch.float64))
+
+    def residual(b, a):
+        return float(torch.linalg.matrix_norm(delta - b @ a) ** 2)
+
+    exact, fast = residual(*svd_factors(delta, 16)), residual(*svd_factors(delta, 16, fast=True))
+    assert exact <= fast <= exact * (1 + 1e-4)

@@ -193,10 +193,12 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(sharded_dir: Path, in_
     assert len(list((cfg.out / "base").glob("model-*-of-*.safetensors"))) > 1
     assert (cfg.out / "base" / "model.safetensors.index.json").is_file()
     # RTN codes depend on the weights alone: identical to the in-memory pipeline's even
-    # with float16, sequentially calibrated activations.
+    # with float16, sequentially calibrated activations (the factors, lora_*, do not).
     mem_q = _all_tensors(mem_out, "base/quantization.safetensors")
     got_q = _all_tensors(cfg.out, "base/quantization.safetensors")
-    assert all(torch.equal(mem_q[k], got_q[k]) for k in mem_q)
+    assert mem_q.keys() == got_q.keys()
+    weights = [k for k in mem_q if ".weight_" in k]
+    assert weights and all(torch.equal(mem_q[k], got_q[k]) for k in weights)
 
 
 def test_sharded_base_loads_with_transformers(sharded_dir: Path, tmp_path: Path):

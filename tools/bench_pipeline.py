@@ -174,10 +174,10 @@ class Timers:
 def instrumented(error_metrics: bool = True) -> Iterator[Timers]:
     """Time compensate_layers' parts without changing them (patched for this run only).
 
-    error_metrics=False: a what-if that replaces the diagnostic tr(E G Eᵀ) (two dense
-    out × in² products per Linear, reported per layer, not used by the factors) with NaN,
-    to measure the EoRA core alone. Computed from the whitened ΔW R that the factor step
-    already forms, the metric would cost only r · in² per Linear.
+    error_metrics=False: a what-if that replaces the diagnostic tr(E G Eᵀ) (reported per
+    layer, not used by the factors) with NaN, to measure the EoRA core alone. On the fast
+    path (--fast, big models) it is computed from the whitened M = ΔW R the factors need
+    anyway (r · in² per Linear); on the exact path it costs two dense out × in² products.
     """
     from eora_export import streaming
     from eora_export.compensate import apply
@@ -188,17 +188,21 @@ def instrumented(error_metrics: bool = True) -> Iterator[Timers]:
     t.wrap(streaming, "compress_model", "phase_compress")
     t.wrap(streaming, "compensate_layers", "phase_eora")
     if not error_metrics:
-        original = apply.weighted_error
-        apply.weighted_error = lambda *a, **k: float("nan")
-        t._patches.append((apply, "weighted_error", original))
+        for name in ("weighted_error", "whitened_error"):
+            original = getattr(apply, name)
+            setattr(apply, name, lambda *a, **k: float("nan"))
+            t._patches.append((apply, name, original))
     t.wrap(apply, "gram_root", "root")  # Cholesky (or eigh fallback) of each shared Gram
     t.wrap(torch.linalg, "cholesky_ex", "cholesky")
     t.wrap(torch.linalg, "eigh", "eigh")
-    t.wrap(apply, "eora_factors_from_root", "factors")  # whitening + SVD + unwhitening
+    t.wrap(apply, "eora_factors_from_root", "factors")  # exact path: whitening + SVD + unwhitening
+    t.wrap(apply, "whiten", "whiten")  # fast path: M = ΔW R in float32
+    t.wrap(apply, "eora_factors_from_whitened", "factors")  # fast path: SVD of M + unwhitening
     t.wrap(torch, "svd_lowrank", "svd")
     t.wrap(torch.linalg, "svd", "svd")
     t.wrap(apply, "quantize_factors", "factor_quant")
     t.wrap(apply, "weighted_error", "error_metrics")  # tr(E G Eᵀ), before and after
+    t.wrap(apply, "whitened_error", "error_metrics")
     try:
         yield t
     finally:
@@ -269,10 +273,12 @@ def _split(stream_t: dict, inner: dict) -> dict[str, float]:
     row["cholesky"] = inner.get("cholesky", 0.0)
     row["eigh"] = inner.get("eigh", 0.0)
     row["svd"] = inner.get("svd", 0.0)
-    row["whiten"] = inner.get("factors", 0.0) - inner.get("svd", 0.0)
+    # ΔW R (its own timer on the fast path, inside "factors" on the exact one) and the R⁻¹ solve.
+    row["whiten"] = inner.get("whiten", 0.0) + inner.get("factors", 0.0) - inner.get("svd", 0.0)
     row["factor_quant"] = inner.get("factor_quant", 0.0)
     row["error_metrics"] = inner.get("error_metrics", 0.0)
-    row["compensate_other"] = row["compensate_s"] - row["root"] - inner.get("factors", 0.0) - row["factor_quant"] - row["error_metrics"]
+    row["compensate_other"] = (row["compensate_s"] - row["root"] - inner.get("whiten", 0.0) - inner.get("factors", 0.0)
+                               - row["factor_quant"] - row["error_metrics"])
     return row
 
 

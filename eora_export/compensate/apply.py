@@ -15,7 +15,7 @@ from ..errors import UsageError
 from ..models import set_module
 from ..modules import EoraLinear
 from ..quant import QuantizedMatrix, quantize
-from .eora import eora_factors_from_root, gram_root, svd_factors, weighted_error
+from .eora import eora_factors_from_root, eora_factors_from_whitened, gram_root, svd_factors, weighted_error, whiten, whitened_error
 
 METHODS = ("eora", "svd", "none")
 
@@ -78,30 +78,42 @@ def compensate_layers(
     if cfg.method != "none" and cfg.rank <= 0:
         raise UsageError(f"--rank must be positive for --method {cfg.method}, got {cfg.rank}")
     biases = biases or {}
-    roots: dict[str, object] = {}
+    roots: dict[str, tuple] = {}
     results = {}
     for name, cl in tqdm(compressed.items(), desc=f"compensate ({cfg.method})", unit="layer", disable=not progress, leave=False):
         w_c = cl.weight.dequantize().double()
         delta = cl.reference.double() - w_c
         gram = grams.gram(name)
-        before = weighted_error(delta, gram)
         out_f, in_f = delta.shape
+        root = root32 = m = None
+        if cfg.fast or cfg.method == "eora":
+            key = grams.owner[name]
+            if key not in roots:
+                r = gram_root(gram, fast=cfg.fast)
+                roots[key] = (r, r.to(torch.float32) if cfg.fast else None)
+            root, root32 = roots[key]
+        if cfg.fast:
+            # One float32 product M = ΔW R gives the factors and both error metrics (eora.whiten).
+            m = whiten(delta, root32)
+            before = whitened_error(m, root32)
+        else:
+            before = weighted_error(delta, gram)
         if cfg.method == "none":
             module = EoraLinear(cl.weight, bias=biases.get(name), sparse24=cl.sparse24)
             results[name] = LayerResult(module, 0, before, before)
             continue
         rank = layer_rank(cfg.rank, out_f, in_f)
         if cfg.method == "eora":
-            key = grams.owner[name]
-            if key not in roots:
-                roots[key] = gram_root(gram, fast=cfg.fast)
-            b, a = eora_factors_from_root(delta, roots[key], rank, fast=cfg.fast)
+            b, a = eora_factors_from_whitened(m, root, rank) if cfg.fast else eora_factors_from_root(delta, root, rank)
         else:
-            b, a = svd_factors(delta, rank)
+            b, a = svd_factors(delta, rank, fast=cfg.fast)
         group = 0 if cfg.lowrank_bits == 16 else lowrank_group(rank, in_f, cfg.lowrank_group_size)
         bq, aq = quantize_factors(b, a, cfg.lowrank_bits, group)
         module = EoraLinear(cl.weight, aq, bq, bias=biases.get(name), sparse24=cl.sparse24)
-        after = weighted_error(delta, gram, module.b.double(), module.a.double())
+        if cfg.fast:
+            after = whitened_error(m, root32, module.b, module.a)
+        else:
+            after = weighted_error(delta, gram, module.b.double(), module.a.double())
         results[name] = LayerResult(module, rank, before, after)
     return results
 

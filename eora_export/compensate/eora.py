@@ -11,7 +11,9 @@ closed form as QERA-exact and SVD-LLM whitening). Two roots are offered:
 * Cholesky (fast): R = L, top-r SVD by randomized iteration, A by a triangular solve.
   Used only when G is well conditioned; otherwise it falls back to the eigen root.
 
-Everything runs in float64 and returns float64.
+Everything runs in float64 and returns float64, except the fast path's whitening product
+ΔW R and its SVD (:func:`whiten`, :func:`eora_factors_from_whitened`): those run in float32,
+the root itself and the unwhitening solve stay float64 (DESIGN §2).
 """
 
 from __future__ import annotations
@@ -71,6 +73,13 @@ class GramRoot:
         if self.chol is not None:
             return delta_w @ self.chol
         return (delta_w @ self.basis) * self.sqrt_eig
+
+    def to(self, dtype: torch.dtype) -> GramRoot:
+        """The same root in ``dtype`` (float32 for the big whitening products of the fast path)."""
+        def cast(x: Tensor | None) -> Tensor | None:
+            return None if x is None else x.to(dtype)
+
+        return GramRoot(cast(self.basis), cast(self.sqrt_eig), cast(self.chol))
 
     def unwhiten_rows(self, v: Tensor) -> Tensor:
         """``v: [r, k]`` (rows in the whitened space) -> v R⁻¹ ``[r, in]``."""
@@ -164,6 +173,46 @@ def eora_factors_from_root(
     return b, root.unwhiten_rows(a_white)
 
 
+def whiten(delta_w: Tensor, root32: GramRoot) -> Tensor:
+    """``delta_w: [out, in]`` -> M = ΔW R ``[out, k]`` in float32, ``root32`` = ``root.to(float32)``.
+
+    For a 7B block these out × in × in products are most of EoRA's time; float32 halves it
+    (and float64's 2 cores are the bottleneck). Its rounding, ~1e-7 of ‖M‖, is far below the
+    singular tail the rank-r truncation leaves, and M also gives the error metrics
+    (‖M‖² = tr(ΔW G ΔWᵀ)), so no second dense product is needed.
+    """
+    check_finite(delta_w, "weight error ΔW")
+    return root32.whiten(delta_w.to(torch.float32))
+
+
+def eora_factors_from_whitened(m: Tensor, root: GramRoot, rank: int, fast: bool = True) -> tuple[Tensor, Tensor]:
+    """EoRA factors from M = ΔW R (:func:`whiten`): top-``rank`` SVD of M, A mapped back by R⁻¹.
+
+    m: [out, k]; root: the float64 root M was made with. Returns B [out, rank], A [rank, in]
+    in float64 (the unwhitening triangular solve runs in float64).
+    """
+    out_f = m.shape[0]
+    if not 0 < rank <= min(out_f, root.chol.shape[0] if root.chol is not None else root.basis.shape[0]):
+        raise ValueError(f"rank {rank} does not fit a layer with {out_f} outputs")
+    if root.data_rank == 0:
+        in_f = root.chol.shape[0] if root.chol is not None else root.basis.shape[0]
+        return torch.zeros(out_f, rank, dtype=torch.float64), torch.zeros(rank, in_f, dtype=torch.float64)
+    with _linalg_threads(max(m.shape)):
+        if fast and rank + 16 < min(m.shape):
+            u, s, v = torch.svd_lowrank(m, q=min(rank + 32, min(m.shape)), niter=4)
+            vh = v.T
+        else:
+            u, s, vh = torch.linalg.svd(m.double(), full_matrices=False)
+    b, a_white = _split_sqrt(u.double(), s.double(), vh.double(), rank, out_f)
+    return b, root.unwhiten_rows(a_white)
+
+
+def whitened_error(m: Tensor, root32: GramRoot, b: Tensor | None = None, a: Tensor | None = None) -> float:
+    """tr(E G Eᵀ), E = ΔW − B A, from M = ΔW R: ‖M − B (A R)‖² (costs r · in², not out · in²)."""
+    e = m if b is None else m - b.to(m.dtype) @ root32.whiten(a.to(m.dtype))
+    return float(torch.linalg.vector_norm(e, dtype=torch.float64) ** 2)
+
+
 def eora_factors(delta_w: Tensor, gram: Tensor, rank: int, fast: bool = False) -> tuple[Tensor, Tensor]:
     """EoRA: the rank-``rank`` B A minimising tr((ΔW − BA) G (ΔW − BA)ᵀ).
 
@@ -180,13 +229,18 @@ def eora_factors(delta_w: Tensor, gram: Tensor, rank: int, fast: bool = False) -
     return eora_factors_from_root(delta_w, gram_root(gram, fast=fast), rank, fast=fast)
 
 
-def svd_factors(delta_w: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+def svd_factors(delta_w: Tensor, rank: int, fast: bool = False) -> tuple[Tensor, Tensor]:
     """Plain SVD baseline (ZeroQuant-V2 LoRC): the rank-``rank`` B A closest to ΔW in
-    Frobenius norm, ignoring activations. delta_w: [out, in] -> B [out, rank], A [rank, in]."""
+    Frobenius norm, ignoring activations. delta_w: [out, in] -> B [out, rank], A [rank, in].
+    fast=True: randomized top-r SVD in float32 (big layers)."""
     _check_rank(delta_w, rank)
     check_finite(delta_w, "weight error ΔW")
     with _linalg_threads(max(delta_w.shape)):
-        u, s, vh = torch.linalg.svd(delta_w.to(torch.float64), full_matrices=False)
+        if fast and rank + 16 < min(delta_w.shape):
+            u, s, v = torch.svd_lowrank(delta_w.to(torch.float32), q=min(rank + 32, min(delta_w.shape)), niter=4)
+            u, s, vh = u.double(), s.double(), v.T.double()
+        else:
+            u, s, vh = torch.linalg.svd(delta_w.to(torch.float64), full_matrices=False)
     return _split_sqrt(u, s, vh, rank, delta_w.shape[0])
 
 

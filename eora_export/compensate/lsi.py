@@ -22,7 +22,12 @@ Training, one decoder block at a time (OmniQuant's scheme, chosen here on purpos
 * target: the full-precision block i applied to the full-precision activations;
 * loss: MSE of the block output, with every target Linear of the block replaced by its
   fake-quantized W' (rounding through a straight-through estimator); AdamW on δ and γ
-  only, everything else frozen.
+  only, everything else frozen. A block whose calibration MSE ends above its start keeps
+  its starting weights, so LSI never ships a block worse (on its data) than its start.
+
+The start is plain RTN (clip 1.0), or the scales of a ``base`` quantization (pass
+``compress_model``'s RTN-with-clip-search result: on the demo model that start gave the
+lower KL and perplexity; tools/lsi_demo.py).
 
 The fake quantization in training computes exactly the float16 values the export stores
 (same scale rounding, same round-half-to-even, same fp16 product), so the loss the optimizer

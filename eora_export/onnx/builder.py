@@ -106,6 +106,7 @@ class ExternalDataFile:
 
     def __init__(self, path: Path) -> None:
         self.final = Path(str(path) + ".data")
+        self.final.parent.mkdir(parents=True, exist_ok=True)
         fd, self.tmp = tempfile.mkstemp(prefix=f".{self.final.name}.", suffix=".tmp", dir=self.final.parent)
         self.file = os.fdopen(fd, "wb")
 

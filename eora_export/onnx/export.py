@@ -73,12 +73,13 @@ def export_onnx(model: nn.Module, path: str | Path, *, kv_cache: bool = False, f
     return path
 
 
-def export_baseline_onnx(model_fp16: nn.Module, path: str | Path, *, kv_cache: bool = False) -> Path:
+def export_baseline_onnx(model_fp16: nn.Module, path: str | Path, *, kv_cache: bool = False,
+                         external_data: bool | None = None) -> Path:
     """Export the uncompressed float16 model (plain Linears only) with the same graph layout."""
-    if any(isinstance(m, EoraLinear) for m in model_fp16.modules()):
+    if isinstance(model_fp16, nn.Module) and any(isinstance(m, EoraLinear) for m in model_fp16.modules()):
         raise ValueError("the baseline model contains EoraLinear modules; pass the original float16 model "
                          "(or use export_onnx for the compressed one)")
-    return export_onnx(model_fp16, path, kv_cache=kv_cache, fused=False)
+    return export_onnx(model_fp16, path, kv_cache=kv_cache, fused=False, external_data=external_data)
 
 
 def estimate_bytes(model: nn.Module) -> int:
