@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 from pathlib import Path
 
 from .errors import MissingDependency, MissingInput, UsageError
@@ -29,7 +30,10 @@ def compare_main(argv: list[str]) -> int:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--samples", type=int, default=16)
     p.add_argument("--out", type=Path, default=Path("compare-out"), help="where the Polygraphy JSON goes")
-    p.add_argument("--plugin-lib", default="libeora_plugin.so", help="for the printed TensorRT replay command")
+    p.add_argument("--plugin-lib", help="libeora_plugin.so for --trt and the replay command (default: $EORA_PLUGIN_LIB or the built one)")
+    p.add_argument("--trt", action="store_true",
+                   help="also run each model as a TensorRT engine through Polygraphy against the saved baseline outputs "
+                   "(needs TensorRT, a GPU and the plugin; exits 1 if a check fails)")
     args = p.parse_args(argv)
     models = {}
     for spec in args.models:
@@ -47,11 +51,52 @@ def compare_main(argv: list[str]) -> int:
         raise UsageError(f"{args.text} is shorter than one {args.seq_len}-token window; lower --seq-len")
     report = compare_models(args.baseline, models, windows, args.out)
     print(report.table())
-    first = next(iter(models.values()))
-    print("replay on a GPU machine with TensorRT:\n  " + polygraphy_command(
-        first, args.plugin_lib, inputs_json=args.out / "inputs.json",
-        baseline_outputs=args.out / "baseline_outputs.json", seq_len=args.seq_len))
-    return 0
+    plugin = _compare_plugin(args.plugin_lib)
+
+    def replay(path: Path) -> str:
+        return polygraphy_command(path, plugin or "libeora_plugin.so", inputs_json=args.out / "inputs.json",
+                                  baseline_outputs=args.out / "baseline_outputs.json", seq_len=args.seq_len)
+
+    if not args.trt:
+        print("replay on a GPU machine with TensorRT:\n  " + replay(next(iter(models.values()))))
+        return 0
+    return _compare_trt(models, plugin, replay, args.out)
+
+
+def _compare_plugin(flag: str | None) -> Path | None:
+    from .trt.plugin import PluginError, find_library
+
+    if flag:
+        return Path(flag)
+    try:
+        return find_library()
+    except PluginError:
+        return None
+
+
+def _compare_trt(models: dict[str, Path], plugin: Path | None, replay, out: Path) -> int:
+    """Each model through ``polygraphy run --trt`` against the saved baseline outputs."""
+    import shlex
+    import subprocess
+
+    from .trt.build import missing_tensorrt_reason
+
+    reason = missing_tensorrt_reason()
+    if reason is None and shutil.which("polygraphy") is None:
+        reason = "the polygraphy command is not on PATH"
+    if reason is not None:
+        raise MissingDependency(f"{reason}; the ONNX Runtime comparison is saved in {out}/, replay it on a GPU machine: "
+                                + replay(next(iter(models.values()))))
+    if plugin is None or not plugin.is_file():
+        raise MissingInput(f"plugin library {plugin or 'libeora_plugin.so'} not found; build it with `eora-export build-plugin` "
+                           "or pass --plugin-lib")
+    failed = []
+    for name, path in models.items():
+        rc = subprocess.run(shlex.split(replay(path)), check=False).returncode
+        print(f"TensorRT {name}: {'matches the baseline within tolerance' if rc == 0 else f'check FAILED (polygraphy exit {rc})'}")
+        if rc:
+            failed.append(name)
+    return 1 if failed else 0
 
 
 def build_plugin_main(argv: list[str]) -> int:

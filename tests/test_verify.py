@@ -113,3 +113,50 @@ def test_polygraphy_cli_replays_saved_outputs(report, exported):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "PASSED" in done.stdout + done.stderr
+
+
+# --------------------------------------------------------------------------- compare --trt
+
+
+def _replay(path: Path) -> str:
+    return polygraphy_command(path, "/x/libeora_plugin.so", inputs_json="in.json", baseline_outputs="base.json")
+
+
+def test_compare_trt_without_tensorrt_names_the_replay_command(monkeypatch, tmp_path):
+    from eora_export.commands import _compare_trt
+    from eora_export.errors import MissingDependency
+
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    with pytest.raises(MissingDependency) as e:
+        _compare_trt({"eora": tmp_path / "eora.onnx"}, None, _replay, tmp_path)
+    msg = str(e.value)
+    assert "TensorRT" in msg and "polygraphy run" in msg and "--trt" in msg and str(tmp_path / "eora.onnx") in msg
+    assert "\n" not in msg
+
+
+def test_compare_trt_runs_each_model_and_fails_on_a_failed_check(monkeypatch, tmp_path, capsys):
+    from eora_export import commands
+    from eora_export.errors import MissingInput
+    from eora_export.trt import build
+
+    monkeypatch.setattr(build, "missing_tensorrt_reason", lambda: None)
+    monkeypatch.setattr(commands.shutil, "which", lambda name: "/usr/bin/polygraphy")
+    models = {"svd": tmp_path / "svd.onnx", "eora": tmp_path / "eora.onnx"}
+    with pytest.raises(MissingInput, match="plugin library"):
+        commands._compare_trt(models, tmp_path / "missing.so", _replay, tmp_path)
+    plugin = tmp_path / "libeora_plugin.so"
+    plugin.write_bytes(b"\x7fELF")
+    ran = []
+
+    def fake_run(cmd, check):
+        ran.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0 if "svd.onnx" in cmd[2] else 3)
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    assert commands._compare_trt(models, plugin, _replay, tmp_path) == 1
+    assert [c[2] for c in ran] == [str(models["svd"]), str(models["eora"])]
+    assert all(c[:2] == ["polygraphy", "run"] and "--trt" in c for c in ran)
+    out = capsys.readouterr().out
+    assert "TensorRT svd: matches" in out and "TensorRT eora: check FAILED (polygraphy exit 3)" in out
+    ran.clear()
+    assert commands._compare_trt({"svd": models["svd"]}, plugin, _replay, tmp_path) == 0

@@ -17,6 +17,7 @@ Issue #8 targets: peak RSS ≤ 12 GiB for a 7B-shaped model; EoRA for one 7B blo
 (7 Linears, rank 128) ≤ 60 s on a 2-core machine, calibration forward excluded.
 
     python tools/bench_pipeline.py                     # 2 blocks, 32 × 512 tokens, rank 128
+    python tools/bench_pipeline.py --layers 1 --export         # + the ONNX graphs from the folder
     python tools/bench_pipeline.py --layers 1 --calib-samples 8
 """
 
@@ -337,6 +338,18 @@ def run(args: argparse.Namespace) -> dict:
 
         report = run_streaming(ckpt, cfg, opts=opts, calib_windows=ids, progress=not args.quiet, on_block_done=on_block)
         assemble_rss = rss.take_window()
+        export = None
+        if args.export:
+            # The graphs of --out X.onnx / X.plan, written from the finished folder one block at a time.
+            from eora_export.deploy import write_onnx
+            from eora_export.outputs import FolderResult
+
+            t = time.perf_counter()
+            paths = write_onnx(FolderResult(cfg.out, ckpt), work / "export" / "model.onnx")
+            sizes = {k: (Path(str(v) + ".data").stat().st_size if Path(str(v) + ".data").exists() else 0) + v.stat().st_size
+                     for k, v in (("fused", paths.fused), ("pattern", paths.pattern), ("fp16", paths.baseline))}
+            export = {"seconds": time.perf_counter() - t, "peak_rss_gib": rss.take_window() / GIB, "bytes": sizes}
+            shutil.rmtree(work / "export", ignore_errors=True)
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
     n = len(rows)
@@ -384,6 +397,7 @@ def run(args: argparse.Namespace) -> dict:
         "steady_block": steady_mean,
         "assemble_s": assemble_s,
         "peak_rss_gib": {"sampled": rss.peak / GIB, "getrusage": maxrss / GIB, "assembly": assemble_rss / GIB},
+        "export": export and {**export, "extrapolated_32_blocks_s": export["seconds"] * scale},
         "extrapolation_32_blocks": {
             "total_h": full_s / 3600,
             "per_block_s": steady_mean["total_s"],
@@ -403,6 +417,12 @@ def run(args: argparse.Namespace) -> dict:
         },
     }
     return result
+
+
+def _export_line(e: dict) -> str:
+    sizes = ", ".join(f"{k} {v / 1e9:.2f} GB" for k, v in e["bytes"].items())
+    return (f"ONNX export      : {e['seconds']:.1f} s for fused + pattern + FP16 graphs (peak RSS {e['peak_rss_gib']:.2f} GiB; {sizes}); "
+            f"32 blocks ≈ {e['extrapolated_32_blocks_s'] / 60:.0f} min")
 
 
 def format_report(r: dict) -> str:
@@ -429,6 +449,7 @@ def format_report(r: dict) -> str:
         "(* mean over blocks after the first when there are several)",
         "",
         f"assembly of out/ : {r['assemble_s']:.1f} s (peak RSS {p['assembly']:.2f} GiB)",
+        *([_export_line(r["export"])] if r.get("export") else []),
         f"peak RSS         : {p['getrusage']:.2f} GiB (getrusage), {p['sampled']:.2f} GiB (sampled)  "
         f"target ≤ 12 GiB: {'met' if r['targets']['peak_rss_le_12_gib'] else 'MISSED'}",
         f"EoRA per block   : {m['compensate_s']:.1f} s  target ≤ 60 s: {'met' if r['targets']['eora_per_block_le_60_s'] else 'MISSED'}",
@@ -454,6 +475,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--exact", action="store_true", help="eigh + full SVD instead of Cholesky + randomized SVD")
     p.add_argument("--no-error-metrics", action="store_true", help="what-if: skip the per-layer tr(E G Eᵀ) diagnostics to time the EoRA core alone")
+    p.add_argument("--export", action="store_true", help="also write the ONNX graphs (fused, pattern, FP16) from the output folder and time them")
     p.add_argument("--json", help="where to write the JSON figures (default <work>/bench.json)")
     p.add_argument("--keep", action="store_true", help="keep the synthetic checkpoint and outputs")
     p.add_argument("--seed", type=int, default=0)

@@ -9,14 +9,16 @@ For each bit width (group 128 by default) it evaluates
   clip-searched RTN (``--lsi-start rtn``: from plain RTN)
 * ``rtn+eora``   EoRA rank r on plain RTN
 * ``rtn-clip+eora``
-* ``lsi+eora``   EoRA rank r on the LSI weights (EoRA's Grams: the FP model's, as in the pipeline)
+* ``lsi+eora``   EoRA rank r on the LSI weights, ΔW = W − Q(W') (EoRA's Grams: the FP model's, as in the pipeline)
+* ``lsi+eora-w'`` EoRA on LSI's own rounding error, ΔW = W' − Q(W'), W' = U diag(σ + δ) Vᵀ
+* ``rtn-clip+svd`` the plain-SVD baseline at the same rank
 
 Besides perplexity it reports the mean per-token KL divergence KL(p_fp ‖ p_q) on the same
 held-out windows: at 4 bits on this small model the perplexity gaps are a few hundredths
 and their sign is partly luck (a perturbed model can score below FP), while the KL measures
 how far the compressed model is from the FP one.
 
-with the pipeline's windows (``calib.txt`` for calibration, ``heldout.txt`` for evaluation).
+Data: the pipeline's windows (``calib.txt`` for calibration, ``heldout.txt`` for evaluation).
 Waits for ``eora_export/demo_model/model.safetensors`` if the demo is still being trained.
 
 Usage::
@@ -27,6 +29,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -117,6 +120,7 @@ def main() -> None:
     kls: dict = {}
     none_cfg = CompensationConfig(method="none")
     eora_cfg = CompensationConfig(method="eora", rank=args.rank)
+    svd_cfg = CompensationConfig(method="svd", rank=args.rank)
 
     def ppl_of(compressed: dict, cfg: CompensationConfig) -> tuple[float, float]:
         layers = compensate_layers(compressed, grams, cfg, biases, progress=False)
@@ -138,19 +142,25 @@ def main() -> None:
         stats: list[dict] = []
         t = time.perf_counter()
         base = starts["rtn-clip"] if args.lsi_start == "rtn-clip" else None
-        starts["lsi"] = lsi_compress(model, linears, lcfg, calib, base=base, stats=stats)
+        learned: dict = {}
+        starts["lsi"] = lsi_compress(model, linears, lcfg, calib, base=base, stats=stats, targets=learned)
         timings[f"lsi_int{bits}_s"] = time.perf_counter() - t
         for label, compressed in starts.items():
             row[label], kl_row[label] = ppl_of(compressed, none_cfg)
             t = time.perf_counter()
             row[f"{label}+eora"], kl_row[f"{label}+eora"] = ppl_of(compressed, eora_cfg)
             timings[f"eora_{label}_int{bits}_s"] = time.perf_counter() - t
+        # The plain-SVD baseline on the pipeline's default start, for the README's table.
+        row["rtn-clip+svd"], kl_row["rtn-clip+svd"] = ppl_of(starts["rtn-clip"], svd_cfg)
+        # EoRA on the rounding error of LSI's own weights (ΔW = W' − Q(W')) instead of W − Q(W').
+        to_learned = {n: dataclasses.replace(c, reference=learned[n]) for n, c in starts["lsi"].items()}
+        row["lsi+eora-w'"], kl_row["lsi+eora-w'"] = ppl_of(to_learned, eora_cfg)
         row["lsi_blocks"] = [{k: s[k] for k in ("block", "mse_start", "mse_end", "seconds")} for s in stats]
         results[f"int{bits}"] = row
         kls[f"int{bits}"] = kl_row
         print(f"int{bits}: " + ", ".join(f"{k}={v:.3f}" for k, v in row.items() if isinstance(v, float)), flush=True)
 
-    labels = ["rtn", "rtn-clip", "lsi", "rtn+eora", "rtn-clip+eora", "lsi+eora"]
+    labels = ["rtn", "rtn-clip", "lsi", "rtn+eora", "rtn-clip+svd", "rtn-clip+eora", "lsi+eora", "lsi+eora-w'"]
     print(f"\nheld-out perplexity (fp {results['fp']:.3f}; group {args.group_size}, EoRA rank {args.rank}, "
           f"LSI {args.epochs} epochs from {args.lsi_start}, lr {args.lr:g}, clip lr {args.clip_lr:g})")
     print("| bits | " + " | ".join(labels) + " |")

@@ -381,6 +381,7 @@ def lsi_compress(
     calib_windows: Tensor,
     base: dict[str, CompressedLinear] | None = None,
     stats: list[dict] | None = None,
+    targets: dict[str, Tensor] | None = None,
 ) -> dict[str, CompressedLinear]:
     """Quantize ``linears`` (name -> nn.Linear of ``model``) with LSI, block by block.
 
@@ -390,7 +391,8 @@ def lsi_compress(
     scales (e.g. RTN with clip search, or AWQ on an AWQ-folded model) and the codes are
     recomputed from the FP weight; without one it starts from plain RTN (clip 1.0). A
     2:4-sparse base is refused. stats: if given, one dict per trained block is appended
-    (block, linears, mse_start, mse_end, seconds).
+    (block, linears, mse_start, mse_end, seconds). targets: if given, filled with each
+    Linear's learned continuous weight W' = U diag(σ + δ) Vᵀ (float32 [out, in]).
 
     Returns name -> CompressedLinear(weight=QuantizedMatrix [out, in], reference = the FP
     weight float32 [out, in], sparse24=False), like compress_model. With ``cfg.epochs == 0``
@@ -508,6 +510,9 @@ def lsi_compress(
                 fixed = {n: _FixedLinear(exported[n].dequantize(), linears[n].bias) for n in wrappers}
                 _swap(block, f"{prefix}.{i}", fixed)
                 mse_end = mse_start
+            if targets is not None:
+                with torch.no_grad():
+                    targets.update({n: lsi_weight(m.w, m.u, m.vh, m.delta()) for n, m in wrappers.items()})
             if i < last:
                 _propagate(block, q, kwargs_by_bs, cfg.batch_size, dtype)
         finally:
