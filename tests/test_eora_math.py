@@ -8,6 +8,7 @@ from eora_export.compensate.eora import (
     eora_factors_from_whitened,
     gram_root,
     svd_factors,
+    times_lower_triangular,
     weighted_error,
     whiten,
     whitened_error,
@@ -175,3 +176,14 @@ def test_fast_svd_baseline_matches_the_full_svd():
 
     exact, fast = residual(*svd_factors(delta, 16)), residual(*svd_factors(delta, 16, fast=True))
     assert exact <= fast <= exact * (1 + 1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_triangular_product_equals_the_dense_one(dtype):
+    g = torch.Generator().manual_seed(24)
+    n = 1100  # above the blocking threshold, not a multiple of the block count
+    lower = torch.randn(n, n, generator=g, dtype=torch.float64).tril().to(dtype)
+    a = torch.randn(37, n, generator=g, dtype=torch.float64).to(dtype)
+    got = times_lower_triangular(a, lower)
+    assert got.dtype == dtype and got.shape == (37, n)
+    torch.testing.assert_close(got, a @ lower, rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=1e-4 if dtype == torch.float32 else 1e-10)

@@ -182,6 +182,7 @@ def instrumented(error_metrics: bool = True) -> Iterator[Timers]:
     """
     from eora_export import streaming
     from eora_export.compensate import apply
+    from eora_export.compensate import eora as eora_math
 
     t = Timers()
     # Whole phases, for their CPU seconds (streaming's own timings are wall time).
@@ -199,7 +200,7 @@ def instrumented(error_metrics: bool = True) -> Iterator[Timers]:
     t.wrap(apply, "eora_factors_from_root", "factors")  # exact path: whitening + SVD + unwhitening
     t.wrap(apply, "whiten", "whiten")  # fast path: M = ΔW R in float32
     t.wrap(apply, "eora_factors_from_whitened", "factors")  # fast path: SVD of M + unwhitening
-    t.wrap(torch, "svd_lowrank", "svd")
+    t.wrap(eora_math, "randomized_svd", "svd")
     t.wrap(torch.linalg, "svd", "svd")
     t.wrap(apply, "quantize_factors", "factor_quant")
     t.wrap(apply, "weighted_error", "error_metrics")  # tr(E G Eᵀ), before and after

@@ -19,6 +19,7 @@ the root itself and the unwhitening solve stay float64 (DESIGN §2).
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -38,6 +39,7 @@ _SINGLE_THREAD_BELOW = 2048
 
 @contextlib.contextmanager
 def _linalg_threads(n: int) -> Iterator[None]:
+    """One thread for work on matrices smaller than _SINGLE_THREAD_BELOW (n = the largest dimension)."""
     before = torch.get_num_threads()
     if n < _SINGLE_THREAD_BELOW and before > 1:
         torch.set_num_threads(1)
@@ -45,6 +47,50 @@ def _linalg_threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def randomized_svd(m: Tensor, rank: int, oversample: int = 32, niter: int = 4) -> tuple[Tensor, Tensor, Tensor]:
+    """Top singular triplets of ``m: [out, k]`` by subspace iteration (Halko et al.).
+
+    Returns U [out, q], S [q], Vᴴ [q, k] with q = rank + oversample (capped), in m's dtype.
+    The sketch draws from torch's global RNG (callers seed it). The algorithm of
+    torch.svd_lowrank, but the thin QRs and the small SVD of the q × k sketch run on one
+    thread: on our 2-core machines two OpenMP threads made those 3–20x slower than one
+    (spin-waiting when the other core is busy), while the big products keep both threads.
+    """
+    q = min(rank + oversample, *m.shape)
+
+    def orth(x: Tensor) -> Tensor:
+        with _linalg_threads(0):
+            return torch.linalg.qr(x).Q
+
+    basis = orth(m @ torch.randn(m.shape[1], q, dtype=m.dtype))
+    for _ in range(niter):
+        basis = orth(m @ orth(m.T @ basis))
+    with _linalg_threads(0):
+        ub, s, vh = torch.linalg.svd(basis.T @ m, full_matrices=False)
+    return basis @ ub, s, vh
+
+
+# Column blocks of the triangular product: 8 blocks do 9/16 of a dense product's work.
+_TRIANGULAR_BLOCKS = 8
+_TRIANGULAR_MIN = 1024
+
+
+def times_lower_triangular(a: Tensor, lower: Tensor) -> Tensor:
+    """``a: [m, n]`` @ ``lower: [n, n]`` (lower-triangular) without the zero half's work.
+
+    Column block j of the product only needs rows i ≥ j of ``lower``, so each block is a
+    smaller dense product (torch has no triangular matrix-matrix multiply on the CPU).
+    """
+    n = lower.shape[0]
+    if n < _TRIANGULAR_MIN:
+        return a @ lower
+    out = torch.empty(a.shape[0], n, dtype=torch.result_type(a, lower))
+    edges = [round(n * i / _TRIANGULAR_BLOCKS) for i in range(_TRIANGULAR_BLOCKS + 1)]
+    for j0, j1 in itertools.pairwise(edges):
+        torch.matmul(a[:, j0:], lower[j0:, j0:j1], out=out[:, j0:j1])
+    return out
 
 
 @dataclass(frozen=True)
@@ -71,7 +117,7 @@ class GramRoot:
     def whiten(self, delta_w: Tensor) -> Tensor:
         """``delta_w: [out, in]`` -> ΔW R ``[out, k]``."""
         if self.chol is not None:
-            return delta_w @ self.chol
+            return times_lower_triangular(delta_w, self.chol)
         return (delta_w @ self.basis) * self.sqrt_eig
 
     def to(self, dtype: torch.dtype) -> GramRoot:
@@ -154,7 +200,7 @@ def eora_factors_from_root(
 
     delta_w: [out, in]. Returns B [out, rank], A [rank, in], float64. Where G holds fewer
     than ``rank`` data directions the extra factor columns are zero.
-    fast=True uses a randomized top-r SVD (torch.svd_lowrank) instead of the full SVD.
+    fast=True uses a randomized top-r SVD (:func:`randomized_svd`) instead of the full SVD.
     """
     _check_rank(delta_w, rank)
     check_finite(delta_w, "weight error ΔW")
@@ -165,8 +211,7 @@ def eora_factors_from_root(
     m = root.whiten(dw)
     with _linalg_threads(max(m.shape)):
         if fast and rank + 16 < min(m.shape):
-            u, s, v = torch.svd_lowrank(m, q=min(rank + 32, min(m.shape)), niter=4)
-            vh = v.T
+            u, s, vh = randomized_svd(m, rank)
         else:
             u, s, vh = torch.linalg.svd(m, full_matrices=False)
     b, a_white = _split_sqrt(u, s, vh, rank, out_f)
@@ -199,8 +244,7 @@ def eora_factors_from_whitened(m: Tensor, root: GramRoot, rank: int, fast: bool 
         return torch.zeros(out_f, rank, dtype=torch.float64), torch.zeros(rank, in_f, dtype=torch.float64)
     with _linalg_threads(max(m.shape)):
         if fast and rank + 16 < min(m.shape):
-            u, s, v = torch.svd_lowrank(m, q=min(rank + 32, min(m.shape)), niter=4)
-            vh = v.T
+            u, s, vh = randomized_svd(m, rank)
         else:
             u, s, vh = torch.linalg.svd(m.double(), full_matrices=False)
     b, a_white = _split_sqrt(u.double(), s.double(), vh.double(), rank, out_f)
@@ -237,8 +281,7 @@ def svd_factors(delta_w: Tensor, rank: int, fast: bool = False) -> tuple[Tensor,
     check_finite(delta_w, "weight error ΔW")
     with _linalg_threads(max(delta_w.shape)):
         if fast and rank + 16 < min(delta_w.shape):
-            u, s, v = torch.svd_lowrank(delta_w.to(torch.float32), q=min(rank + 32, min(delta_w.shape)), niter=4)
-            u, s, vh = u.double(), s.double(), v.T.double()
+            u, s, vh = (x.double() for x in randomized_svd(delta_w.to(torch.float32), rank))
         else:
             u, s, vh = torch.linalg.svd(delta_w.to(torch.float64), full_matrices=False)
     return _split_sqrt(u, s, vh, rank, delta_w.shape[0])
