@@ -35,8 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="eora-export",
         description="Compress an LLM (INT4 / 2:4 / both), compensate the error with EoRA low-rank "
-        "factors, and write deployable outputs. Subcommands: compare, inspect, build-plugin "
-        "(eora-export SUBCOMMAND --help).",
+        "factors, and write deployable outputs. Subcommands: export (graphs/engine from a finished folder), "
+        "finetune (train the factors on text, base frozen), compare, inspect, build-plugin (eora-export SUBCOMMAND --help).",
     )
     p.add_argument("--version", action="version", version=f"eora-export {__version__}")
     p.add_argument("--model", default="demo",
@@ -199,6 +199,7 @@ SUBCOMMANDS = {
     "compare": (".commands", "compare_main"),
     "inspect": (".commands", "inspect_main"),
     "build-plugin": (".commands", "build_plugin_main"),
+    "finetune": (".finetune_cli", "finetune_main"),
     "export": (".commands", "export_main"),
 }
 
