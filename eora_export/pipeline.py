@@ -239,6 +239,9 @@ def compute(cfg: RunConfig, progress: bool = True) -> RunResult:
         "fp16_linear_bytes": fp16_bytes,
         "compressed_linear_bytes": sum(r.module.weight_q.storage_bytes() for r in final.values()),
         "factor_bytes": sum(r.module.storage_bytes() - r.module.weight_q.storage_bytes() for r in final.values()),
+        # Per compared method: LSI alone has no factors, the others their own rank's.
+        "factor_bytes_by_method": {m: sum(r.module.storage_bytes() - r.module.weight_q.storage_bytes() for r in res.values())
+                                   for m, res in results.items()},
     }
     timings["total_s"] = time.perf_counter() - t0
     report = {
@@ -264,9 +267,11 @@ def summary_table(report: dict) -> str:
     s = report["sizes"]
     ppl = report["perplexity"]
     rows = [("fp16", ppl["fp16"], s["fp16_linear_bytes"]), ("compressed", ppl["compressed"], s["compressed_linear_bytes"])]
+    by_method = s.get("factor_bytes_by_method", {})
     for label, value in ppl.items():
         if label.startswith("compressed+"):
-            rows.append((label, value, s["compressed_linear_bytes"] + s["factor_bytes"]))
+            factors = by_method.get(label.removeprefix("compressed+"), s["factor_bytes"])
+            rows.append((label, value, s["compressed_linear_bytes"] + factors))
     return format_table(rows) + "\n(size: decoder Linears only; factors at --lowrank-bits)"
 
 

@@ -70,3 +70,25 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main(["--lowrank-bits", "5", "--out", str(tmp_path / "o")]) == 2
     assert main(["--bogus"]) == 2
     assert not (tmp_path / "o").exists()
+
+
+def test_lsi_methods_run_through_the_pipeline(tiny_model_dir, tmp_path):
+    """--method lsi+eora: LSI-trained weights, EoRA on top; LSI alone is reported without factors."""
+    cfg = RunConfig(
+        model=str(tiny_model_dir), out=tmp_path / "out", method="lsi+eora", rank=8, bits=3, calib=[str(tiny_model_dir / "calib.txt")],
+        eval_file=str(tiny_model_dir / "calib.txt"), calib_samples=8, eval_samples=2, seq_len=32, sweep_ranks=[], group_size=64,
+        lsi_epochs=1, compare=False,
+    )
+    result = compute(cfg, progress=False)
+    write_outputs(cfg, result)
+    report = json.loads((cfg.out / "report.json").read_text())
+    assert {"compressed", "compressed+lsi", "compressed+lsi+eora"} <= set(report["perplexity"])
+    sizes = report["sizes"]
+    assert sizes["factor_bytes_by_method"]["lsi"] == 0 and sizes["factor_bytes_by_method"]["lsi+eora"] == sizes["factor_bytes"] > 0
+    rows = {line.split()[0]: line.split() for line in report["table"].splitlines()[2:] if line.startswith("compressed")}
+    assert rows["compressed+lsi"][-1] == rows["compressed"][-1] != rows["compressed+lsi+eora"][-1]
+    assert all(r.rank == 8 for r in result.modules.values())
+    # The shipped weights are LSI's, not the plain quantizer's: some codes moved.
+    plain = result.compressed
+    assert any(not torch.equal(r.module.weight_q.q, plain[n].weight.q) for n, r in result.modules.items())
+    assert (cfg.out / "adapter" / "adapter_model.safetensors").is_file()
