@@ -38,3 +38,14 @@ def make_tiny_model_dir(path: Path, hidden: int = 128, inter: int = 256, layers:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return make_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny matrices run faster on one thread, and far faster on a busy machine, where
+    OpenMP workers spin-wait for cores other processes hold. Restored afterwards.
+    Use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

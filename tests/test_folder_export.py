@@ -23,12 +23,7 @@ from eora_export.pipeline import RunConfig, compute, write_outputs
 RANK, GROUP = 8, 64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _cfg(model_dir: Path, out: Path, **kw) -> RunConfig:

@@ -34,14 +34,7 @@ from eora_export.streaming import (
 TENSORS_PER_BLOCK = 9
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny matrices run faster on one thread, and far faster on a busy machine, where
-    OpenMP workers spin-wait for cores other processes hold. Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class _Crash(RuntimeError):
