@@ -93,7 +93,7 @@ def graph_layout_specs(prefix: str, bits: int, group_size: int, rows: int, cols:
     return [codes, (f"{prefix}_scale", torch.float16, (cols // group_size, rows))]
 
 
-def read_graph_layout(get, keys: set[str], prefix: str, bits: int, group_size: int) -> QuantizedMatrix:
+def read_graph_layout(get, prefix: str, bits: int, group_size: int) -> QuantizedMatrix:
     """Inverse of :func:`graph_layout`; ``get(key)`` returns a stored tensor."""
     if bits == 16:
         return QuantizedMatrix(get(prefix).T.contiguous(), None, 16, 0)
@@ -101,6 +101,21 @@ def read_graph_layout(get, keys: set[str], prefix: str, bits: int, group_size: i
     if codes.dtype == torch.uint8:
         codes = unpack_int4(codes)
     return QuantizedMatrix(codes.T.contiguous(), get(f"{prefix}_scale").T.contiguous(), bits, group_size)
+
+
+def read_quantized_layer(
+    get, keys: set[str], name: str, entry: dict
+) -> tuple[QuantizedMatrix, tuple[QuantizedMatrix, QuantizedMatrix] | None]:
+    """One layer of quantization.safetensors: W_c ``[out, in]`` and its factors (B ``[out, r]``,
+    A ``[r, in]``), or None for the factors when the layer has rank 0 or the file predates
+    factor codes. ``entry``: the layer's quantization.json record; ``keys``: the file's keys."""
+    w = read_graph_layout(get, f"{name}.weight", entry["bits"], entry["group_size"])
+    if not entry.get("rank") or not keys & {f"{name}.lora_a", f"{name}.lora_a_packed"}:
+        return w, None
+    ga, gb = entry["lowrank_group_size"]
+    a = read_graph_layout(get, f"{name}.lora_a", entry["lowrank_bits"], ga)
+    b = read_graph_layout(get, f"{name}.lora_b", entry["lowrank_bits"], gb)
+    return w, (b, a)
 
 
 def layer_entry(mod: EoraLinear) -> dict:

@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
-from .adapter import read_graph_layout, save_compressed_base, save_peft_adapter
+from .adapter import read_quantized_layer, save_compressed_base, save_peft_adapter
 from .atomic import atomic_dir
 from .errors import BadInput, MissingInput
 from .modules import EoraLinear
@@ -126,12 +126,9 @@ def load_base(path: Path) -> BaseFolder:
     weights, codes = {}, {}
     for name, entry in layers.items():
         try:
-            weights[name] = read_graph_layout(tensors.__getitem__, keys, f"{name}.weight", entry["bits"], entry["group_size"])
-            if entry.get("rank") and "lowrank_group_size" in entry and keys & {f"{name}.lora_a", f"{name}.lora_a_packed"}:
-                ga, gb = entry["lowrank_group_size"]
-                a = read_graph_layout(tensors.__getitem__, keys, f"{name}.lora_a", entry["lowrank_bits"], ga)
-                b = read_graph_layout(tensors.__getitem__, keys, f"{name}.lora_b", entry["lowrank_bits"], gb)
-                codes[name] = (b, a)
+            weights[name], factors = read_quantized_layer(tensors.__getitem__, keys, name, entry)
+            if factors is not None:
+                codes[name] = factors
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise BadInput(f"{path / 'quantization.safetensors'}: layer {name} cannot be read ({e}); re-export the base") from None
         if weights[name].shape != (entry.get("out_features"), entry.get("in_features")):

@@ -21,7 +21,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor, nn
 
-from .adapter import read_graph_layout
+from .adapter import read_quantized_layer
 from .errors import BadInput, MissingInput
 from .models import set_module
 from .modules import EoraLinear
@@ -53,15 +53,11 @@ def load_modules(base: Path, names: Sequence[str] | None = None) -> Iterator[tup
         keys = set(f.keys())
         for name in wanted:
             e = layers[name]
-            if e.get("rank") and f"{name}.lora_a_scale" not in keys and f"{name}.lora_a" not in keys:
+            w, factors = read_quantized_layer(f.get_tensor, keys, name, e)
+            if e.get("rank") and factors is None:
                 raise BadInput(f"{base}/quantization.safetensors has no factor codes for {name} (written by an older "
                                "eora-export); re-run the export to rewrite the folder")
-            w = read_graph_layout(f.get_tensor, keys, f"{name}.weight", e["bits"], e["group_size"])
-            a = b = None
-            if e.get("rank"):
-                ga, gb = e["lowrank_group_size"]
-                a = read_graph_layout(f.get_tensor, keys, f"{name}.lora_a", e["lowrank_bits"], ga)
-                b = read_graph_layout(f.get_tensor, keys, f"{name}.lora_b", e["lowrank_bits"], gb)
+            b, a = factors or (None, None)
             bias = None
             if e.get("has_bias"):
                 ckpt = ckpt or StreamingCheckpoint(base)
