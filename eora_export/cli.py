@@ -110,9 +110,11 @@ def add_export_flags(p: argparse.ArgumentParser, verify: bool = False) -> None:
 
 
 def output_format(args: argparse.Namespace) -> str:
-    if args.format:
-        return args.format
-    return {".onnx": "onnx", ".plan": "plan", ".engine": "plan"}.get(args.out.suffix, "dir")
+    """The output kind: --format, else from --out's suffix; a graph kind needs a graph file name."""
+    fmt = args.format or {".onnx": "onnx", ".plan": "plan", ".engine": "plan"}.get(args.out.suffix, "dir")
+    if fmt in ("onnx", "plan") and args.out.suffix not in (".onnx", ".plan", ".engine"):
+        raise UsageError(f"--format {fmt} needs --out ending in .{fmt}, got {args.out}")
+    return fmt
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -120,8 +122,6 @@ def _run(args: argparse.Namespace) -> int:
     from .pipeline import RunConfig, compute, write_outputs
 
     fmt = output_format(args)
-    if fmt in ("onnx", "plan") and args.out.suffix not in (".onnx", ".plan", ".engine"):
-        raise UsageError(f"--format {fmt} needs --out ending in .{fmt}, got {args.out}")
     if args.kv_cache and fmt == "dir":
         raise UsageError("--kv-cache applies to graph outputs; use --out X.onnx or X.plan")
     cfg = RunConfig(

@@ -146,8 +146,6 @@ def export_main(argv: list[str]) -> int:
     fmt = output_format(args)
     if fmt == "dir":
         raise UsageError(f"--out {args.out} names no deployable output; give X.onnx, X.plan, or --format triton")
-    if fmt in ("onnx", "plan") and args.out.suffix not in (".onnx", ".plan", ".engine"):
-        raise UsageError(f"--format {fmt} needs --out ending in .{fmt}, got {args.out}")
     if not args.folder.is_dir():
         raise MissingInput(f"{args.folder} is not a folder; give the --out folder of an eora-export run")
     read_quantization(args.folder / "base")

@@ -87,8 +87,6 @@ def finetune_main(argv: list[str]) -> int:
     if fmt not in FINETUNE_FORMATS:
         raise UsageError(f"finetune writes {', '.join(FINETUNE_FORMATS)}; for TensorRT-LLM use the fine-tuned folder's adapter/ "
                          "and base/ with the README's recipe")
-    if fmt in ("onnx", "plan") and args.out.suffix not in (".onnx", ".plan", ".engine"):
-        raise UsageError(f"--format {fmt} needs --out ending in .{fmt}, got {args.out}")
     out = artifacts_dir(args.out, fmt)
     check_output_path(out)
     _refuse_own_input(out, args.adapter, args.base)

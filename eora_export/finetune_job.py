@@ -12,7 +12,6 @@ Perplexities are held-out, on the same windows for every model:
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,15 +19,16 @@ from pathlib import Path
 from torch import Tensor, nn
 
 from . import __version__
-from .calibration import read_texts, token_windows
+from .calibration import token_windows
 from .compensate.apply import swapped
 from .errors import BadInput, MissingInput, UsageError
-from .evaluate import mean_nll
+from .evaluate import mean_nll, perplexity
 from .finetune import INITS, TrainConfig, initial_factors, requantize, split_windows, train_factors, trainable_modules
 from .finetune_io import AdapterFolder, BaseFolder, check_reference, load_adapter, load_base, start_modules
 from .models import load_model, resolve_model
 from .modules import EoraLinear
 from .report import format_table
+from .validate import read_text_file
 
 log = logging.getLogger("eora_export")
 
@@ -104,24 +104,16 @@ class InitRun:
     ppl_at: dict[int, float] = field(default_factory=dict)  # step -> held-out perplexity, re-quantized factors
 
 
-def _texts(path: Path, flag: str) -> list[str]:
-    if not path.exists():
-        raise MissingInput(f"{flag} {path} not found; give a plain-text or JSONL ('text' field) file")
-    if not path.is_file():
-        raise BadInput(f"{flag} {path} is not a file; give a plain-text or JSONL ('text' field) file")
-    return read_texts(path)
-
-
 def data_windows(cfg: FinetuneConfig, tokenizer) -> tuple[Tensor, Tensor]:
     """(train ``[n, seq]``, held-out ``[k, seq]``): the held-out part is --eval-data, or the tail of --data."""
-    windows = token_windows(tokenizer, _texts(cfg.data, "--data"), cfg.seq_len)
+    windows = token_windows(tokenizer, read_text_file(cfg.data, "--data"), cfg.seq_len)
     if windows.shape[0] == 0:
         raise BadInput(f"--data {cfg.data} is shorter than one {cfg.seq_len}-token window; give more text or lower --seq-len")
     if cfg.eval_data is None:
         train, held = split_windows(windows, cfg.heldout_fraction)
     else:
         train = windows
-        held = token_windows(tokenizer, _texts(cfg.eval_data, "--eval-data"), cfg.seq_len, cfg.eval_samples)
+        held = token_windows(tokenizer, read_text_file(cfg.eval_data, "--eval-data"), cfg.seq_len, cfg.eval_samples)
         if held.shape[0] == 0:
             raise BadInput(f"--eval-data {cfg.eval_data} is shorter than one {cfg.seq_len}-token window; give more text or lower --seq-len")
     return train, held[: cfg.eval_samples]
@@ -158,18 +150,19 @@ def prepare(cfg: FinetuneConfig) -> Session:
     start = start_modules(base, adapter, {n: m.bias for n, m in linears.items()})
 
     fp_model, tokenizer = load_model(model_path)
-    reference = {n: _linear(fp_model, n).weight.detach() for n in base.layers if _linear(fp_model, n) is not None}
+    fp_linears = {n: _linear(fp_model, n) for n in base.layers}
+    reference = {n: m.weight.detach() for n, m in fp_linears.items() if m is not None}
     check_reference(base, reference, cfg.model)
     if model.config.vocab_size < len(tokenizer):
         raise BadInput(f"the tokenizer of --model {cfg.model} has {len(tokenizer)} tokens, the base only {model.config.vocab_size}; "
                        "pass the model the base was compressed from")
     train, held = data_windows(cfg, tokenizer)
-    ppl = {"fp16": math.exp(mean_nll(fp_model, held, 8, "perplexity fp16"))}
+    ppl = {"fp16": perplexity(fp_model, held, 8, "perplexity fp16")}
     need_reference = cfg.init == "svd" or cfg.compare_inits
     reference = {n: w.clone() for n, w in reference.items()} if need_reference else None
     del fp_model
 
-    ppl["compressed"] = math.exp(mean_nll(model, held, 8, "perplexity compressed"))
+    ppl["compressed"] = perplexity(model, held, 8, "perplexity compressed")
     bits = cfg.lowrank_bits or _input_bits(adapter, start)
     return Session(cfg, adapter, base, model_path, model, tokenizer, start, reference, train, held, bits, ppl,
                    {"load_s": time.perf_counter() - t0})
@@ -185,7 +178,7 @@ def _linear(model: nn.Module, name: str) -> nn.Linear | None:
 
 def _ppl(model: nn.Module, modules: dict[str, nn.Module], held: Tensor, desc: str) -> float:
     with swapped(model, modules):
-        return math.exp(mean_nll(model, held, 8, desc))
+        return perplexity(model, held, 8, desc)
 
 
 def train_from(session: Session, init: str, progress: bool = True, eval_at: tuple[int, ...] = ()) -> InitRun:
@@ -207,7 +200,7 @@ def train_from(session: Session, init: str, progress: bool = True, eval_at: tupl
             ppl_at[step] = _ppl(model, now, session.held, f"perplexity at step {step}")
 
     with swapped(model, layers):
-        start_ppl = math.exp(mean_nll(model, session.held, 8, f"perplexity start ({init})"))
+        start_ppl = perplexity(model, session.held, 8, f"perplexity start ({init})")
         nll_before = mean_nll(model, probe, 8, "train nll")
         losses = train_factors(model, layers, session.train, cfg.train_config(), progress, on_step if eval_at else None)
         nll_after = mean_nll(model, probe, 8, "train nll") if cfg.steps else nll_before

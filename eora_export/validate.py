@@ -398,7 +398,8 @@ def check_shapes(cfg, linears: dict[str, tuple[int, int]]) -> None:
 # --------------------------------------------------------------------------- calibration
 
 
-def _texts(path: Path, what: str) -> list[str]:
+def read_text_file(path: Path, what: str) -> list[str]:
+    """Documents of a text/JSONL file; a missing path or a folder is a one-line error naming ``what`` (the flag)."""
     from .calibration import read_texts
 
     if not path.exists():
@@ -443,7 +444,7 @@ def check_calibration(cfg, model_path: Path) -> None:
     if not sources:
         sources = [("calibration file", DEMO_DIR / "calib.txt")]
     sources.append(("held-out text (--eval-file)", Path(cfg.eval_file) if cfg.eval_file else DEMO_DIR / "heldout.txt"))
-    texts = [(what, path, _texts(path, what)) for what, path in sources]
+    texts = [(what, path, read_text_file(path, what)) for what, path in sources]
     # Cheap bound first: a token covers at least one byte of text, plus one EOS per document.
     for what, path, docs in texts:
         if sum(len(d.encode("utf-8")) + 1 for d in docs) < cfg.seq_len:
