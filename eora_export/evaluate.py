@@ -10,6 +10,12 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 
+def next_token_nll(model: nn.Module, ids: Tensor, reduction: str = "mean") -> Tensor:
+    """Next-token cross-entropy of ``ids: [batch, seq]`` (each window predicts its tokens 1..seq-1)."""
+    logits = model(ids).logits.float()
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction=reduction)
+
+
 @torch.no_grad()
 def mean_nll(model: nn.Module, windows: Tensor, batch_size: int = 8, desc: str = "evaluate") -> float:
     """Mean next-token negative log-likelihood over ``windows: [n, seq]`` (every window
@@ -17,9 +23,7 @@ def mean_nll(model: nn.Module, windows: Tensor, batch_size: int = 8, desc: str =
     total, count = 0.0, 0
     for i in tqdm(range(0, windows.shape[0], batch_size), desc=desc, unit="batch", leave=False):
         ids = windows[i : i + batch_size]
-        logits = model(ids).logits.float()
-        nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
-        total += float(nll)
+        total += float(next_token_nll(model, ids, reduction="sum"))
         count += ids[:, 1:].numel()
     return total / max(count, 1)
 

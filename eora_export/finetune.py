@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from .compensate.apply import lowrank_group, quantize_factors
 from .compensate.eora import svd_factors
 from .errors import BadInput, UsageError
+from .evaluate import next_token_nll
 from .modules import EoraLinear
 from .quant import QuantizedMatrix, quantize
 
@@ -144,12 +145,6 @@ def trainable_modules(start: dict[str, EoraLinear], factors: dict[str, tuple[Ten
     return {n: TrainableEora(start[n].weight, a, b, start[n].bias) for n, (b, a) in factors.items()}
 
 
-def next_token_loss(model: nn.Module, ids: Tensor) -> Tensor:
-    """Mean next-token cross-entropy of ``ids: [batch, seq]`` (the same count as evaluate.mean_nll)."""
-    logits = model(ids).logits.float()
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
-
-
 def train_factors(
     model: nn.Module,
     layers: dict[str, TrainableEora],
@@ -176,7 +171,7 @@ def train_factors(
     bar = tqdm(batch_schedule(windows.shape[0], cfg.batch_size, cfg.steps, cfg.seed), desc="finetune", unit="step",
                disable=not progress, leave=False)
     for step, idx in enumerate(bar, 1):
-        loss = next_token_loss(model, windows[idx])
+        loss = next_token_nll(model, windows[idx])
         if not torch.isfinite(loss):
             raise BadInput(f"the training loss became {float(loss)} at step {step}; lower --lr")
         opt.zero_grad(set_to_none=True)
