@@ -110,6 +110,11 @@ class GramRoot:
         return "cholesky" if self.chol is not None else "eigen"
 
     @property
+    def in_features(self) -> int:
+        """Width of the Gram matrix (the layer's inputs)."""
+        return (self.chol if self.chol is not None else self.basis).shape[0]
+
+    @property
     def data_rank(self) -> int:
         """Number of input directions with data (k)."""
         return self.chol.shape[0] if self.chol is not None else self.sqrt_eig.numel()
@@ -204,18 +209,7 @@ def eora_factors_from_root(
     """
     _check_rank(delta_w, rank)
     check_finite(delta_w, "weight error ΔW")
-    dw = delta_w.to(torch.float64)
-    out_f = dw.shape[0]
-    if root.data_rank == 0:
-        return torch.zeros(out_f, rank, dtype=torch.float64), torch.zeros(rank, dw.shape[1], dtype=torch.float64)
-    m = root.whiten(dw)
-    with _linalg_threads(max(m.shape)):
-        if fast and rank + 16 < min(m.shape):
-            u, s, vh = randomized_svd(m, rank)
-        else:
-            u, s, vh = torch.linalg.svd(m, full_matrices=False)
-    b, a_white = _split_sqrt(u, s, vh, rank, out_f)
-    return b, root.unwhiten_rows(a_white)
+    return eora_factors_from_whitened(root.whiten(delta_w.to(torch.float64)), root, rank, fast)
 
 
 def whiten(delta_w: Tensor, root32: GramRoot) -> Tensor:
@@ -236,11 +230,10 @@ def eora_factors_from_whitened(m: Tensor, root: GramRoot, rank: int, fast: bool 
     m: [out, k]; root: the float64 root M was made with. Returns B [out, rank], A [rank, in]
     in float64 (the unwhitening triangular solve runs in float64).
     """
-    out_f = m.shape[0]
-    if not 0 < rank <= min(out_f, root.chol.shape[0] if root.chol is not None else root.basis.shape[0]):
+    out_f, in_f = m.shape[0], root.in_features
+    if not 0 < rank <= min(out_f, in_f):
         raise ValueError(f"rank {rank} does not fit a layer with {out_f} outputs")
     if root.data_rank == 0:
-        in_f = root.chol.shape[0] if root.chol is not None else root.basis.shape[0]
         return torch.zeros(out_f, rank, dtype=torch.float64), torch.zeros(rank, in_f, dtype=torch.float64)
     with _linalg_threads(max(m.shape)):
         if fast and rank + 16 < min(m.shape):
