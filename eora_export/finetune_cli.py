@@ -80,7 +80,7 @@ def finetune_main(argv: list[str]) -> int:
     from .deploy import artifacts_dir
     from .finetune_io import write_finetuned
     from .finetune_job import FinetuneConfig, build_report, compare_inits, output_meta, prepare, train_from
-    from .pipeline import check_output_path
+    from .validate import check_output_location
 
     args = build_parser().parse_args(argv)
     fmt = output_format(args)
@@ -88,7 +88,7 @@ def finetune_main(argv: list[str]) -> int:
         raise UsageError(f"finetune writes {', '.join(FINETUNE_FORMATS)}; for TensorRT-LLM use the fine-tuned folder's adapter/ "
                          "and base/ with the README's recipe")
     out = artifacts_dir(args.out, fmt)
-    check_output_path(out)
+    check_output_location(out)
     _refuse_own_input(out, args.adapter, args.base)
     cfg = FinetuneConfig(
         adapter=args.adapter, data=args.data, model=args.model, base=args.base, eval_data=args.eval_data,

@@ -27,7 +27,7 @@ from .errors import BadInput, UsageError
 from .evaluate import perplexity
 from .models import DEMO_DIR, load_model, resolve_model, target_linears
 from .report import format_table, plot_layer_errors, plot_ppl_vs_rank, write_json
-from .validate import preflight
+from .validate import check_output_location, preflight
 
 log = logging.getLogger("eora_export")
 
@@ -90,19 +90,6 @@ class RunConfig:
             raise UsageError("nothing to compress: --quant none needs --sparsity sparsegpt or magnitude")
         if self.calib_samples <= 0 or self.seq_len < 2 or self.eval_samples <= 0:
             raise UsageError("--calib-samples and --eval-samples must be positive and --seq-len at least 2")
-
-
-def check_output_path(out: Path) -> None:
-    """Fail before any work when the output cannot be written."""
-    import os
-
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is an existing file; give a folder path (or remove the file)")
-    parent = out.resolve().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not os.access(parent, os.W_OK):
-        raise UsageError(f"cannot write to {parent}; choose an --out folder you can write")
 
 
 def _default_sweep(rank: int, max_rank: int, lowrank_bits: int) -> list[int]:
@@ -173,7 +160,7 @@ def run(cfg: RunConfig, progress: bool = True) -> dict:
 def compute(cfg: RunConfig, progress: bool = True) -> RunResult:
     """All the work of a run, without writing anything."""
     cfg.validate()
-    check_output_path(cfg.out)
+    check_output_location(Path(cfg.out))
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
     path = resolve_model(cfg.model)

@@ -78,6 +78,7 @@ from .models import TARGET_SUFFIXES, read_config
 from .modules import EoraLinear
 from .quant import QuantizedMatrix, pack_int4, unpack_int4
 from .report import format_table, plot_layer_errors, write_json
+from .validate import check_output_location
 
 log = logging.getLogger("eora_export")
 
@@ -1080,9 +1081,7 @@ def run_streaming(
     opts.validate()
     cfg.validate()
     out = Path(out_dir if out_dir is not None else cfg.out)
-    from .pipeline import check_output_path
-
-    check_output_path(out)
+    check_output_location(out)
     t_start = time.perf_counter()
     path = Path(path)
     ckpt = StreamingCheckpoint(path)

@@ -498,21 +498,34 @@ def _gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
+def _check_writable_parent(target: Path) -> None:
+    base = _existing_ancestor(target.resolve().parent)
+    if not base.is_dir():
+        raise UsageError(f"--out {target}: {base} is a file, not a folder; choose another --out")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write to {base} (permission denied or read-only); choose an --out folder you can write")
+
+
+def check_output_location(out: Path) -> None:
+    """--out names a folder that can be created or replaced: not '.', not a file, in a writable place.
+
+    The part of :func:`check_output` that needs no model; runs first, before anything is loaded.
+    """
+    if out.resolve().name in ("", ".", ".."):
+        raise UsageError(f"--out {out} names no folder; give a new folder name, e.g. --out eora-out")
+    _check_writable_parent(out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is an existing file; give a folder path (or remove the file)")
+
+
 def check_output(cfg, model_path: Path, need_bytes: int = 0, deploy_out: Path | None = None, fmt: str = "dir") -> None:
     """--out must be a folder we may replace whole, in a writable place with room for the outputs."""
     out = Path(cfg.out)
     full = out.resolve()
-    if full.name in ("", ".", ".."):
-        raise UsageError(f"--out {out} names no folder; give a new folder name, e.g. --out eora-out")
-    for target in [out] + ([Path(deploy_out)] if deploy_out is not None else []):
-        base = _existing_ancestor(target.resolve().parent)
-        if not base.is_dir():
-            raise UsageError(f"--out {target}: {base} is a file, not a folder; choose another --out")
-        if not os.access(base, os.W_OK | os.X_OK):
-            raise UsageError(f"cannot write to {base} (permission denied or read-only); choose an --out folder you can write")
+    check_output_location(out)
+    if deploy_out is not None:
+        _check_writable_parent(Path(deploy_out))
     if out.exists():
-        if not out.is_dir():
-            raise UsageError(f"--out {out} is an existing file; give a folder path (or remove the file)")
         if any(out.iterdir()) and not (out / "report.json").is_file():
             raise UsageError(
                 f"--out {out} is a folder with other content; eora-export replaces --out as a whole, so give a new "
