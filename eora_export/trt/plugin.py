@@ -99,6 +99,28 @@ def _find_nvcc() -> str | None:
     return None
 
 
+# TensorRT's public headers ship beside this repository in our workplace (shared/third_party) and
+# with TensorRT installations (Debian packages put them in the multiarch include folder).
+_HEADER_CANDIDATES = (
+    REPO_ROOT.parent / "shared" / "third_party" / "tensorrt-11.1" / "include",
+    Path("/usr/include/x86_64-linux-gnu"),
+    Path("/usr/include/aarch64-linux-gnu"),
+    Path("/usr/local/tensorrt/include"),
+)
+
+
+def find_tensorrt_include(explicit: str | Path | None = None) -> Path:
+    """The folder holding NvInferRuntime.h: ``explicit``, ``$TENSORRT_INCLUDE_DIR``, else the usual places."""
+    given = explicit or os.environ.get("TENSORRT_INCLUDE_DIR")
+    candidates = [Path(given)] if given else list(_HEADER_CANDIDATES)
+    for folder in candidates:
+        if (folder / "NvInferRuntime.h").is_file():
+            return folder
+    where = str(candidates[0]) if given else ", ".join(str(c) for c in candidates)
+    raise PluginError(f"TensorRT headers (NvInferRuntime.h) not found in {where}; set $TENSORRT_INCLUDE_DIR to the folder "
+                      "holding NvInfer.h (TensorRT 10+ public headers; no TensorRT library is needed to build)")
+
+
 def build_plugin(
     build_dir: str | Path | None = None,
     *,
@@ -111,7 +133,9 @@ def build_plugin(
 
     cuda_archs: e.g. ``"90a"`` to build one architecture only (default "80;90a").
     targets: CMake targets to build (default: all, i.e. the library and the CPU test programs).
-    Raises :class:`PluginError` with a one-line reason when cmake or nvcc is missing or the build fails.
+    tensorrt_include: TensorRT's header folder (default: :func:`find_tensorrt_include`).
+    Raises :class:`PluginError` with a one-line reason when cmake, nvcc or the TensorRT headers are
+    missing, or the build fails.
     """
     cmake = shutil.which("cmake")
     if cmake is None:
@@ -119,12 +143,11 @@ def build_plugin(
     nvcc = _find_nvcc()
     if nvcc is None:
         raise PluginError("nvcc not found (PATH, $CUDACXX, /usr/local/cuda/bin): install the CUDA toolkit")
+    headers = find_tensorrt_include(tensorrt_include)
     out = Path(build_dir) if build_dir is not None else DEFAULT_BUILD_DIR
-    configure = [cmake, "-S", str(SOURCE_DIR), "-B", str(out), f"-DCMAKE_CUDA_COMPILER={nvcc}"]
+    configure = [cmake, "-S", str(SOURCE_DIR), "-B", str(out), f"-DCMAKE_CUDA_COMPILER={nvcc}", f"-DTensorRT_INCLUDE_DIR={headers}"]
     if cuda_archs:
         configure.append(f"-DEORA_CUDA_ARCHS={cuda_archs}")
-    if tensorrt_include:
-        configure.append(f"-DTensorRT_INCLUDE_DIR={tensorrt_include}")
     build = [cmake, "--build", str(out), "-j", str(jobs)]
     for t in targets:
         build += ["--target", t]
