@@ -204,7 +204,12 @@ SUBCOMMANDS = {
 }
 
 
-def _on_sigterm(signum, frame) -> None:
+_signalled = False  # Ctrl-C or SIGTERM arrived during this run
+
+
+def _on_signal(signum, frame) -> None:
+    global _signalled
+    _signalled = True
     raise KeyboardInterrupt
 
 
@@ -212,7 +217,17 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
     logging.basicConfig(level=logging.WARNING, format="eora-export: %(message)s")
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    global _signalled
+    _signalled = False
+    previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return _main(argv, debug)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _main(argv: list[str], debug: bool) -> int:
     try:
         code = _subcommand(argv)
         if code is not None:
@@ -236,23 +251,33 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.close()
         return 0
     except KeyboardInterrupt:
-        if debug:
-            raise
-        print("eora-export: interrupted; no partial output was written", file=sys.stderr)
-        return Interrupted.exit_code
+        return _interrupted(debug)
     except MemoryError:
         print("eora-export: error: out of memory; use --fast, fewer --calib-samples, or a bigger machine", file=sys.stderr)
         return INTERNAL_ERROR_EXIT_CODE
     except OSError as e:
+        if _signalled:
+            return _interrupted(debug)
         if debug:
             raise
         print(f"eora-export: error: {e.strerror or e} ({e.filename or 'I/O'}); check the path, permissions and free disk space", file=sys.stderr)
         return 4
     except Exception as e:
+        if _signalled:
+            # The interrupt landed inside code that turns it into another error (a C extension's
+            # module init reports "ImportError: initialization failed"): it is still an interrupt.
+            return _interrupted(debug)
         if debug:
             raise
         print(f"eora-export: internal error: {type(e).__name__}: {e} (rerun with --debug and report it)", file=sys.stderr)
         return INTERNAL_ERROR_EXIT_CODE
+
+
+def _interrupted(debug: bool) -> int:
+    if debug:
+        raise
+    print("eora-export: interrupted; no partial output was written", file=sys.stderr)
+    return Interrupted.exit_code
 
 
 if __name__ == "__main__":
