@@ -1,0 +1,65 @@
+"""The held-out measures: per-window NLL and KL sums, and the paired bootstrap."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from eora_export.evaluate import paired_bootstrap, recovered_share, score, window_scores
+
+
+def test_window_scores_match_cross_entropy_and_kl_definition():
+    torch.manual_seed(0)
+    logits, ref = torch.randn(4, 9, 17), torch.randn(4, 9, 17)
+    ids = torch.randint(0, 17, (4, 9))
+    nll, kl = window_scores(logits, ids, ref)
+    ce = F.cross_entropy(logits[:, :-1].reshape(-1, 17), ids[:, 1:].reshape(-1), reduction="none").view(4, 8).sum(1)
+    assert torch.allclose(nll.float(), ce, atol=1e-4)
+    p = F.softmax(ref[:, :-1], -1)
+    manual = (p * (p.log() - F.log_softmax(logits[:, :-1], -1))).sum((-1, -2))
+    assert torch.allclose(kl.float(), manual, atol=1e-4)
+    assert (kl > 0).all()
+    assert torch.allclose(window_scores(ref, ids, ref)[1], torch.zeros(4, dtype=torch.float64), atol=1e-6)
+
+
+def test_score_pairs_model_and_reference_on_the_same_windows():
+    torch.manual_seed(1)
+    table = torch.randn(13, 13)
+    windows = torch.randint(0, 13, (10, 6))
+
+    def ref_fn(ids):
+        return table[ids]
+
+    def noisy(ids):
+        return table[ids] + 0.5 * torch.sin(ids.float())[..., None]
+
+    s = score(noisy, windows, ref_fn, batch_size=3, progress=False)
+    assert s.nll.shape == s.kl.shape == (10,)
+    assert s.tokens == 50
+    assert s.perplexity == pytest.approx(math.exp(s.nll.sum().item() / 50))
+    assert s.mean_kl > 0
+    assert score(ref_fn, windows, ref_fn, progress=False).mean_kl == pytest.approx(0.0, abs=1e-6)
+
+
+def test_paired_bootstrap_separates_a_real_shift_from_noise():
+    torch.manual_seed(2)
+    base = torch.rand(200) * 100  # large spread between windows, shared by both models
+    shifted = base + 0.5 + 0.1 * torch.randn(200)
+    real = paired_bootstrap(shifted, base, tokens_per_window=1)
+    assert real.significant and real.low < 0.5 < real.high
+    tied = paired_bootstrap(base + 0.1 * torch.randn(200), base, tokens_per_window=1)
+    assert not tied.significant and tied.low < 0 < tied.high
+    # Unpaired, the same 0.5 shift would drown in the window spread (std ≈ 29 / sqrt(200) ≈ 2).
+    unpaired = paired_bootstrap(shifted, base[torch.randperm(200)], tokens_per_window=1)
+    assert not unpaired.significant
+    with pytest.raises(ValueError, match="equal non-empty"):
+        paired_bootstrap(base, base[:3], 1)
+
+
+def test_recovered_share():
+    assert recovered_share(2.0, 0.5) == pytest.approx(0.75)
+    assert recovered_share(2.0, 3.0) == pytest.approx(-0.5)
+    assert recovered_share(0.0, 0.1) == 0.0
