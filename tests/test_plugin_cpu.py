@@ -16,6 +16,7 @@ incremental; set EORA_TEST_CUDA_ARCHS (e.g. "80") to build fewer architectures.
 
 from __future__ import annotations
 
+import ast
 import ctypes
 import itertools
 import os
@@ -213,6 +214,29 @@ def test_validate_attrs_agrees_with_spec_validate(common_test_bin, tmp_path):
     run_common(common_test_bin, tmp_path, "\n".join(lines) + "\n")
 
 
+def _llama_attrs(k: int, n: int, r: int, **over) -> dict:
+    return {"in_features": k, "out_features": n, "rank": r, "weight_bits": 4, "group_size": 128,
+            "lowrank_bits": 4 if r else 16, "lowrank_group_size": 64 if r else 0, "sparse24": 0, "has_bias": 0, **over}
+
+
+def test_workspace_max_equals_a_brute_force_scan(common_test_bin, tmp_path):
+    """The size reported to TensorRT is the largest need over *every* M of the profile (issue 14: the v1 scan
+    stopped at M = 8192 and under-reported e.g. K=4096 N=11008 r=128 maxM=40000 by 2.9 MB at M=33664)."""
+    cases = [(_llama_attrs(4096, 11008, 128), 40000, 8), (_llama_attrs(4096, 11008, 128), 40000, 16),
+             (_llama_attrs(11008, 4096, 128), 36000, 8), (_llama_attrs(4096, 4096, 0), 34000, 8),
+             (_llama_attrs(4096, 4096, 64), 9000, 16), (_llama_attrs(256, 384, 16), 50000, 8),
+             (_llama_attrs(64, 40, 8, group_size=16, lowrank_group_size=8), 3000, 8), (_llama_attrs(4096, 128, 128), 1, 8)]
+    lines = [f"{attr_line(a)} {max_m} {gmax}" for a, max_m, gmax in cases]
+    run_common(common_test_bin, tmp_path, f"wsmax {len(lines)}\n" + "\n".join(lines) + "\n")
+
+
+def test_split_k_counter_protocol(common_test_bin, tmp_path):
+    """Counters zeroed once are re-armed by every launch; a stale one breaks the protocol (so zero it in order)."""
+    cases = [(2, 1, 5, 1), (3, 7, 4, 2), (32, 8, 3, 3), (5, 512, 2, 4)]
+    lines = [" ".join(map(str, c)) for c in cases]
+    run_common(common_test_bin, tmp_path, f"splitk {len(lines)}\n" + "\n".join(lines) + "\n")
+
+
 def test_launch_plan_invariants(common_test_bin, tmp_path):
     shapes = [(4096, 4096, 128), (4096, 11008, 128), (11008, 4096, 128), (4096, 4096, 0), (256, 384, 16),
               (64, 40, 8), (66, 64, 16)]
@@ -276,6 +300,19 @@ def test_plugin_harness(plugin_build):
                  "refuses plugin_version 2", "re-create from serialized fields",
                  "runtime errors go to the context's error recorder"):
         assert f"ok {what}" in out, what
+    # Issue 14 part 1, checked through recording fakes of the plugin's device calls.
+    for what in ("getWorkspaceSize covers every M up to the profile max (K=4096 N=11008 r=128 maxM=40000)",
+                 "planning inputs serialized (gemv_max_m from the build-time env, max_rows, workspace_bytes)",
+                 "split-K counters zeroed on the enqueue stream, before the launch",
+                 "the launch plans with the serialized gemv_max_m (not the run-time env)",
+                 "the launch is told the workspace TensorRT allocated, not what it needs",
+                 "a call needing more workspace than the engine has is refused before any launch",
+                 "counters zeroed inside a capture are zeroed again at the next eager launch",
+                 "2:4 weight compacted once, on the enqueue stream, and used",
+                 "onShapeChange (new tensor addresses or profile) recompacts at the same address",
+                 "a refit and a new weight address both recompact",
+                 "a compaction captured into a graph is not trusted by later eager launches"):
+        assert f"ok {what}" in out, what
 
 
 def test_ctypes_entry_points_without_gpu(plugin_build):
@@ -304,6 +341,21 @@ def test_ctypes_entry_points_without_gpu(plugin_build):
     assert "non-NULL" in tp.last_error(lib)
     assert lib.eoraSparse24Bytes(4096, 4096) > 4096 * 4096 * 3 // 8
     assert lib.eoraSparse24Bytes(4094, 4096) == 0
+
+
+def test_gemv_crossover_ignores_the_runtime_environment(plugin_build):
+    """EORA_GEMV_MAX_M at run time must not change the plan an engine was sized for (issue 14)."""
+    code = (
+        "from eora_export.trt import plugin as tp\n"
+        f"tp.load_plugin({str(plugin_build / tp.LIB_NAME)!r})\n"
+        "a = {'in_features': 4096, 'out_features': 4096, 'rank': 128, 'weight_bits': 4, 'group_size': 128,"
+        " 'lowrank_bits': 4, 'lowrank_group_size': 64, 'sparse24': 0, 'has_bias': 0}\n"
+        "print(tp.select_path(a, 40), tp.select_path(a, 40, gemv_max_m=64))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "EORA_GEMV_MAX_M": "64"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["tensor_core", "gemv"], proc.stdout
 
 
 def test_build_plugin_names_a_missing_tool(monkeypatch):
@@ -444,3 +496,117 @@ def test_auto_registration_can_be_turned_off(plugin_build, fake_nvinfer):
             "print('CALL', lib.eoraRegisterPlugins(), lib.eoraRegisterPlugins())")
     out = _registration_run(fake_nvinfer, plugin_build / tp.LIB_NAME, body, {"EORA_PLUGIN_AUTO_REGISTER": "0"})
     assert "BEFORE []" in out and "CALL 1 1" in out and "REG ['eora::EoraLinear/1@static']" in out, out
+
+
+# --------------------------------------------------------------------------- registration in each consumer's order
+
+# A stand-in for the `tensorrt` Python package, shaped like the pip one: it loads "libnvinfer" by full path
+# with ctypes (RTLD_LOCAL, from a folder that is not on the library path), and exposes the plugin registry's
+# load_library. EVENTS records the order of loads.
+_STAND_IN_TENSORRT = '''
+import ctypes, os
+EVENTS = ["tensorrt: libnvinfer loaded"]
+_lib = ctypes.CDLL(os.environ["EORA_FAKE_NVINFER"])
+_lib.fakeRegistrations.restype = ctypes.c_char_p
+_lib.fakeLoadLibrary.argtypes = [ctypes.c_char_p]
+_lib.fakeFindCreator.argtypes = [ctypes.c_char_p]
+
+
+class _Registry:
+    def load_library(self, path):
+        EVENTS.append("tensorrt: load_library")
+        return _lib.fakeLoadLibrary(str(path).encode())
+
+
+def get_plugin_registry():
+    return _Registry()
+
+
+def registrations():
+    return _lib.fakeRegistrations().decode().split()
+
+
+def parser_finds(name="EoraLinear"):
+    return _lib.fakeFindCreator(name.encode()) == 1
+'''
+
+
+def _consumer_run(tmp_path: Path, fake: Path, body: str) -> list:
+    """Run body in a fresh interpreter with the stand-in `tensorrt` importable; it prints one repr'd list."""
+    pkg = tmp_path / "site" / "tensorrt"
+    pkg.mkdir(parents=True, exist_ok=True)
+    (pkg / "__init__.py").write_text(_STAND_IN_TENSORRT)
+    env = {**os.environ, "EORA_FAKE_NVINFER": str(fake), "PYTHONPATH": str(tmp_path / "site")}
+    env.pop("EORA_PLUGIN_AUTO_REGISTER", None)
+    proc = subprocess.run([sys.executable, "-c", "import ast, ctypes, os, sys\n" + body], capture_output=True,
+                          text=True, timeout=60, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    return ast.literal_eval(proc.stdout.strip().splitlines()[-1])
+
+
+def test_polygraphy_order_plugin_before_import_tensorrt(plugin_build, fake_nvinfer, tmp_path):
+    """polygraphy run --trt --plugins LIB: ctypes.CDLL(LIB) while resolving the model, `import tensorrt` later,
+    then the ONNX parser looks the op up (issue 19.1). Failed with the v1 library: nothing registered."""
+    body = (f"ctypes.CDLL({str(plugin_build / tp.LIB_NAME)!r})\n"
+            "events = ['CDLL plugin']\n"
+            "import tensorrt as trt\n"
+            "events += trt.EVENTS + ['parser finds EoraLinear: %s' % trt.parser_finds()]\n"
+            "print(repr([events, trt.registrations()]))\n")
+    events, regs = _consumer_run(tmp_path, fake_nvinfer, body)
+    assert events == ["CDLL plugin", "tensorrt: libnvinfer loaded", "parser finds EoraLinear: True"], events
+    assert regs == ["eora::EoraLinear/1@static"], regs
+
+
+def test_polygraphy_order_then_load_library_registers_once(plugin_build, fake_nvinfer, tmp_path):
+    """The same library also handed to the registry afterwards: getCreators must not make a duplicate."""
+    lib = str(plugin_build / tp.LIB_NAME)
+    body = (f"ctypes.CDLL({lib!r})\n"
+            "import tensorrt as trt\n"
+            f"trt.get_plugin_registry().load_library({lib!r})\n"
+            "print(repr([trt.EVENTS, trt.registrations(), trt.parser_finds()]))\n")
+    events, regs, found = _consumer_run(tmp_path, fake_nvinfer, body)
+    assert events == ["tensorrt: libnvinfer loaded", "tensorrt: load_library"] and found, events
+    assert regs == ["eora::EoraLinear/1@static"], regs
+
+
+def test_trtexec_dynamic_plugins_order(plugin_build, fake_nvinfer, tmp_path):
+    """trtexec --dynamicPlugins: libnvinfer linked (global scope), the registry's loadLibrary loads the plugin."""
+    body = (f"fake = ctypes.CDLL({str(fake_nvinfer)!r}, mode=os.RTLD_NOW | os.RTLD_GLOBAL)\n"
+            "fake.fakeRegistrations.restype = ctypes.c_char_p\n"
+            "fake.fakeLoadLibrary.argtypes = [ctypes.c_char_p]\n"
+            f"n = fake.fakeLoadLibrary({str(plugin_build / tp.LIB_NAME)!r}.encode())\n"
+            "print(repr([n, fake.fakeRegistrations().decode().split(), 'tensorrt' in sys.modules]))\n")
+    n, regs, imported = _consumer_run(tmp_path, fake_nvinfer, body)
+    assert n == 1 and regs == ["eora::EoraLinear/1@library"] and not imported, (n, regs)
+
+
+def test_triton_order_dlopen_after_libnvinfer(plugin_build, fake_nvinfer, tmp_path):
+    """Triton's tensorrt backend: libnvinfer linked into the server, then dlopen(LIB, RTLD_NOW | RTLD_LOCAL)."""
+    body = (f"fake = ctypes.CDLL({str(fake_nvinfer)!r}, mode=os.RTLD_NOW | os.RTLD_GLOBAL)\n"
+            "fake.fakeRegistrations.restype = ctypes.c_char_p\n"
+            f"ctypes.CDLL({str(plugin_build / tp.LIB_NAME)!r}, mode=os.RTLD_NOW | os.RTLD_LOCAL)\n"
+            "print(repr(fake.fakeRegistrations().decode().split()))\n")
+    assert _consumer_run(tmp_path, fake_nvinfer, body) == ["eora::EoraLinear/1@static"]
+
+
+@pytest.mark.parametrize("how", ["load_library", "ctypes", "load_plugin"])
+def test_python_api_order_import_tensorrt_first(plugin_build, fake_nvinfer, tmp_path, how):
+    """The TensorRT Python API: `import tensorrt`, then the library by the registry, ctypes, or our loader."""
+    lib = str(plugin_build / tp.LIB_NAME)
+    load = {"load_library": f"trt.get_plugin_registry().load_library({lib!r})",
+            "ctypes": f"ctypes.CDLL({lib!r})",
+            "load_plugin": f"from eora_export.trt import plugin as tp\ntp.load_plugin({lib!r})"}[how]
+    body = f"import tensorrt as trt\n{load}\nprint(repr([trt.registrations(), trt.parser_finds()]))\n"
+    regs, found = _consumer_run(tmp_path, fake_nvinfer, body)
+    assert found and regs == [f"eora::EoraLinear/1@{'library' if how == 'load_library' else 'static'}"], regs
+
+
+def test_python_without_tensorrt_is_unaffected(plugin_build, tmp_path):
+    """Loaded where no TensorRT exists: the import hook stays out of the way (import fails as it would)."""
+    body = (f"ctypes.CDLL({str(plugin_build / tp.LIB_NAME)!r})\n"
+            "try:\n    import tensorrt_missing_module\nexcept ImportError as e:\n    err = type(e).__name__\n"
+            "hooks = [type(f).__name__ for f in sys.meta_path if 'Eora' in type(f).__name__]\n"
+            "print(repr([err, hooks]))\n")
+    err, hooks = _consumer_run(tmp_path, tmp_path / "unused.so", body)
+    assert err == "ModuleNotFoundError" and hooks == ["EoraRegisterAfterTensorRT"], (err, hooks)

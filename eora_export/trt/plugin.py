@@ -8,9 +8,14 @@ the tests and benchmarks call the very kernel an engine runs on torch CUDA tenso
     tensors, attrs = plugin_inputs(layer)     # an eora_export.modules.EoraLinear, in plugin layout
     y = eora_linear_cuda(x, tensors, attrs)   # x: float16 CUDA [..., in_features]
 
-Where the library is looked for, in order: ``$EORA_PLUGIN_LIB``, ``build/trt_plugins/`` in the
-repository, then ``eora_export/trt/lib/`` (a package-local copy). :func:`build_plugin` runs the
-CMake build into the repository's ``build/trt_plugins``.
+Where the library is looked for, in order: ``$EORA_PLUGIN_LIB``, the build folder
+(``$EORA_PLUGIN_BUILD_DIR``, default ``build/trt_plugins/`` in the repository), then
+``eora_export/trt/lib/`` (a package-local copy). :func:`build_plugin` runs the CMake build into
+the build folder.
+
+Registration with TensorRT: the library registers ``EoraLinear`` itself in whichever order it and
+TensorRT are loaded (trt_plugins/eora_linear/README.md, "Loading"); :func:`load_plugin` also asks it
+to register when ``tensorrt`` is already imported.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import ctypes
 import os
 import shutil
 import subprocess
+import sys
 import threading
 from collections.abc import Mapping
 from pathlib import Path
@@ -86,10 +92,16 @@ def find_library() -> Path | None:
         if not path.is_file():
             raise PluginError(f"EORA_PLUGIN_LIB={env} does not name a file; unset it or point it at {LIB_NAME}")
         return path
-    for candidate in (DEFAULT_BUILD_DIR / LIB_NAME, PACKAGE_LIB):
+    for candidate in (default_build_dir() / LIB_NAME, PACKAGE_LIB):
         if candidate.is_file():
             return candidate
     return None
+
+
+def default_build_dir() -> Path:
+    """Where :func:`build_plugin` builds by default: ``$EORA_PLUGIN_BUILD_DIR``, else ``build/trt_plugins``."""
+    env = os.environ.get("EORA_PLUGIN_BUILD_DIR")
+    return Path(env).expanduser() if env else DEFAULT_BUILD_DIR
 
 
 def _find_nvcc() -> str | None:
@@ -144,7 +156,7 @@ def build_plugin(
     if nvcc is None:
         raise PluginError("nvcc not found (PATH, $CUDACXX, /usr/local/cuda/bin): install the CUDA toolkit")
     headers = find_tensorrt_include(tensorrt_include)
-    out = Path(build_dir) if build_dir is not None else DEFAULT_BUILD_DIR
+    out = Path(build_dir) if build_dir is not None else default_build_dir()
     configure = [cmake, "-S", str(SOURCE_DIR), "-B", str(out), f"-DCMAKE_CUDA_COMPILER={nvcc}", f"-DTensorRT_INCLUDE_DIR={headers}"]
     if cuda_archs:
         configure.append(f"-DEORA_CUDA_ARCHS={cuda_archs}")
@@ -171,8 +183,8 @@ _loaded: dict[str, ctypes.CDLL] = {}
 def load_plugin(path: str | Path | None = None) -> ctypes.CDLL:
     """Load the library with ctypes (cached per path) and declare its C signatures.
 
-    Works without TensorRT installed. If TensorRT is already imported, loading also registers
-    the plugin creator with its registry (the library's load-time registrar does that).
+    Works without TensorRT installed. If ``tensorrt`` is already imported, the creator is registered
+    with its registry now; if it is imported later, the library registers it right after that import.
     """
     lib_path = Path(path) if path is not None else find_library()
     if lib_path is None:
@@ -196,7 +208,9 @@ def load_plugin(path: str | Path | None = None) -> ctypes.CDLL:
                 f"{ctypes.sizeof(EoraLinearParams)}: rebuild the library"
             )
         _loaded[key] = lib
-        return lib
+    if "tensorrt" in sys.modules:
+        lib.eoraRegisterPlugins()  # idempotent; covers a TensorRT loaded in a way the library could not see
+    return lib
 
 
 def _declare(lib: ctypes.CDLL) -> None:
@@ -226,6 +240,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.eoraRegisterPlugins.restype = ctypes.c_int32
     lib.eoraPluginLastError.argtypes = []
     lib.eoraPluginLastError.restype = ctypes.c_char_p
+    lib.eoraPluginWeightsChanged.argtypes = []
+    lib.eoraPluginWeightsChanged.restype = None
 
 
 def last_error(lib: ctypes.CDLL | None = None) -> str:

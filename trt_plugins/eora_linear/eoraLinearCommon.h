@@ -518,6 +518,7 @@ constexpr int32_t kMaxSplits = 32;      //!< thin GEMMs (t = x.A: N = r) need ma
 constexpr int32_t kSemaphoreRegion = 512;               //!< counters per kernel (t kernel, main kernel)
 constexpr int32_t kSemaphoreCount = 2 * kSemaphoreRegion;
 constexpr int32_t kDefaultGemvMaxM = 8;
+constexpr int32_t kMaxGemvMaxM = 4096;  //!< largest crossover accepted from a serialized engine or the build env
 
 //! Grid and split-K shape of one kernel launch.
 struct KernelPlan
@@ -646,12 +647,21 @@ EORA_HD ForwardPlan planForward(EoraAttrs const& a, int64_t M, int32_t algo, int
     return f;
 }
 
-//! Largest workspace over every M in [1, maxM] (split-K makes it non-monotonic in M). Past a few thousand
-//! rows every plan has one split, so only t grows and the top value decides.
+//! Rows per block of the widest tile any path uses: with it, kSplitKMaxM below bounds where split-K can occur.
+constexpr int64_t kMaxRowsPerBlock = 128;
+
+//! Past this many rows no plan splits K: a split needs fewer than kTargetCtas output tiles (ceilDiv(264, tiles)
+//! >= 2), and a tile holds at most kMaxRowsPerBlock rows, so M > (kTargetCtas - 1) * kMaxRowsPerBlock means at
+//! least kTargetCtas tiles. From there on the workspace is t alone, which grows with M.
+constexpr int64_t kSplitKMaxM = static_cast<int64_t>(kTargetCtas) * kMaxRowsPerBlock;
+
+//! Largest workspace over every M in [1, maxM]. Exact: split-K makes the need non-monotonic in M, so every M
+//! up to kSplitKMaxM is planned (a few microseconds each, at build time only); above it the need is
+//! monotonic (t = x.A alone) and maxM itself decides. The CPU test compares this with a brute-force scan.
 inline int64_t workspaceBytesMax(EoraAttrs const& a, int64_t maxM, int32_t algo, int32_t gemvMaxM)
 {
     int64_t best = 0;
-    int64_t const scanTo = maxM < 8192 ? maxM : 8192;
+    int64_t const scanTo = maxM < kSplitKMaxM ? maxM : kSplitKMaxM;
     for (int64_t m = 1; m <= scanTo; ++m)
     {
         int64_t const b = planForward(a, m, algo, gemvMaxM, true).workspaceBytes;
@@ -664,6 +674,25 @@ inline int64_t workspaceBytesMax(EoraAttrs const& a, int64_t maxM, int32_t algo,
     }
     return best;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Split-K semaphore protocol (host-testable; the kernels call the same two functions)
+// ---------------------------------------------------------------------------------------------
+//
+// One int32 counter per output tile. It must be zero before the first launch that uses it: the plugin
+// zeroes it with cudaMemsetAsync on the *enqueue* stream (a legacy-stream cudaMemset is not ordered before
+// work on a non-blocking stream). Every block of the tile adds one when its partial is written; the block
+// that sees splits - 1 is last, sums the partials and stores zero again, so the counter is zero after every
+// launch (self-resetting) and the next launch on the same stream may reuse it without another memset.
+
+//! True for the block that arrives last (prev is atomicAdd's return value).
+EORA_HD bool splitKIsLast(int32_t prev, int32_t splits)
+{
+    return prev == splits - 1;
+}
+
+//! The value the last block leaves in the counter for the next launch.
+constexpr int32_t kSplitKArmed = 0;
 
 } // namespace eora
 

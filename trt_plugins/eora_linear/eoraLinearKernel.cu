@@ -228,7 +228,7 @@ __device__ void splitKFixup(GemmArgs const& a, int32_t tileId, int64_t mBeg, int
     if (threadIdx.x == 0)
     {
         int32_t const prev = atomicAdd(&a.counters[tileId], 1);
-        sIsLast = (prev == a.plan.splits - 1) ? 1 : 0;
+        sIsLast = splitKIsLast(prev, a.plan.splits) ? 1 : 0;
     }
     __syncthreads();
     if (!sIsLast)
@@ -255,7 +255,7 @@ __device__ void splitKFixup(GemmArgs const& a, int32_t tileId, int64_t mBeg, int
     }
     if (threadIdx.x == 0)
     {
-        a.counters[tileId] = 0;
+        a.counters[tileId] = kSplitKArmed;
     }
 }
 
@@ -1065,14 +1065,12 @@ int32_t checkHeader(EoraLinearParams const* p, EoraAttrs& attrs)
     return EORA_OK;
 }
 
+//! The GEMV / tensor-core crossover is a planning input like the attributes: the caller passes it (the plugin
+//! serializes it with the engine), never the environment at run time, so a launch plans exactly what the
+//! engine build planned and sized the workspace for.
 int32_t gemvMaxMOf(EoraLinearParams const& p)
 {
-    if (p.gemvMaxM > 0)
-    {
-        return p.gemvMaxM;
-    }
-    static int32_t const fromEnv = envInt("EORA_GEMV_MAX_M", kDefaultGemvMaxM);
-    return fromEnv;
+    return p.gemvMaxM > 0 ? p.gemvMaxM : kDefaultGemvMaxM;
 }
 
 bool aligned16(void const* ptr)

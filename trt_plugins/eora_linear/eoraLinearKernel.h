@@ -49,7 +49,8 @@ typedef struct EoraLinearParams
     /* 0 auto, 1 GEMV, 2 tensor core, 3 simple (see eora::Path); shapes the fast paths cannot take always
        run the simple kernel. */
     int32_t algo;
-    /* Auto uses the GEMV for M <= gemvMaxM (0: default 8, or env EORA_GEMV_MAX_M). */
+    /* Auto uses the GEMV for M <= gemvMaxM (0: the built-in default). A planning input: the plugin serializes
+       it with the engine; the library reads no environment variable for it. */
     int32_t gemvMaxM;
     /* 1: no split-K (no semaphores needed). The plugin sets it while a CUDA graph is being captured before
        its semaphores exist. */

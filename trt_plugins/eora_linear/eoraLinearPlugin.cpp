@@ -1,26 +1,14 @@
 /*
- * eoraLinearPlugin.cpp: IPluginV3 glue of EoraLinear and the plugin-library entry points.
+ * eoraLinearPlugin.cpp: IPluginV3 glue of EoraLinear (shapes, types, attributes, serialization, enqueue).
  *
- * Loading without libnvinfer. REGISTER_TENSORRT_PLUGIN would put a static initializer in this library that
- * calls getPluginRegistry(), an undefined symbol unless libnvinfer is linked; then dlopen (ctypes.CDLL) fails
- * on any machine without TensorRT, and the kernels' C entry points become unusable there. Instead:
- *   - the library never links libnvinfer (the link uses -z defs, so a stray reference fails the build);
- *   - a load-time registrar looks for getPluginRegistry in a libnvinfer *already loaded* in the process
- *     (dlsym(RTLD_DEFAULT), then dlopen(..., RTLD_NOLOAD) so Python's RTLD_LOCAL `import tensorrt` counts
- *     too) and registers the creator only if it finds one: LD_PRELOAD, Polygraphy --plugins, Triton's
- *     plugins=..., trtexec --staticPlugins and ctypes after `import tensorrt` all work as with the macro;
- *   - when TensorRT itself is loading the library (IPluginRegistry::loadLibrary: trtexec --dynamicPlugins,
- *     plans with embedded plugin libraries) a libnvinfer frame is on the stack during load; the registrar
- *     then leaves registration to TensorRT, which reads getCreators(), so the creator is not registered twice;
- *   - eoraRegisterPlugins() does the same registration on demand; EORA_PLUGIN_AUTO_REGISTER=0/1 turns the
- *     load-time step off / forces it.
+ * How the library registers itself with TensorRT lives in eoraPluginRegistration.cpp; the kernels in
+ * eoraLinearKernel.cu. Every device-side effect here goes through eoraPluginDeviceOps.h so the CPU harness
+ * can check streams and timing without a GPU.
  */
 #include "eoraLinearPlugin.h"
 #include "eoraLinearKernel.h"
 
 #include <cuda_runtime_api.h>
-#include <dlfcn.h>
-#include <execinfo.h>
 
 #include <atomic>
 #include <cstdarg>
@@ -41,6 +29,59 @@ namespace
 std::atomic<ILoggerFinder*> gLoggerFinder{nullptr};
 thread_local std::string tPluginLastError;
 
+// ----- Device effects (eoraPluginDeviceOps.h): CUDA by default, recording fakes in the CPU harness ---------
+
+int32_t cudaAllocate(void** ptr, size_t bytes)
+{
+    if (cudaMalloc(ptr, bytes) != cudaSuccess)
+    {
+        cudaGetLastError();
+        *ptr = nullptr;
+        return 1;
+    }
+    return 0;
+}
+
+int32_t cudaRelease(void* ptr)
+{
+    return cudaFree(ptr) == cudaSuccess ? 0 : 1;
+}
+
+int32_t cudaZeroAsync(void* ptr, int32_t value, size_t bytes, cudaStream_t stream)
+{
+    if (cudaMemsetAsync(ptr, value, bytes, stream) != cudaSuccess)
+    {
+        cudaGetLastError();
+        return 1;
+    }
+    return 0;
+}
+
+int32_t cudaCapturing(cudaStream_t stream)
+{
+    cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+    return (stream != nullptr && cudaStreamIsCapturing(stream, &status) == cudaSuccess
+               && status != cudaStreamCaptureStatusNone)
+        ? 1
+        : 0;
+}
+
+EoraDeviceOps const kCudaOps{cudaAllocate, cudaRelease, cudaZeroAsync, cudaCapturing, eoraSparse24Compact,
+    eoraLinearForward};
+EoraDeviceOps gOps = kCudaOps;
+
+//! Bumped by eoraPluginWeightsChanged(): every instance's compacted 2:4 weight becomes stale.
+std::atomic<uint64_t> gRefitEpoch{0};
+
+//! The crossover a new engine is built with: $EORA_GEMV_MAX_M at build time (an experiment knob), else the
+//! library default. Read once per engine build, then serialized; the run time never reads the variable.
+int32_t buildTimeGemvMaxM()
+{
+    char const* v = std::getenv("EORA_GEMV_MAX_M");
+    long const n = v != nullptr ? std::strtol(v, nullptr, 10) : 0;
+    return n > 0 && n <= kMaxGemvMaxM ? static_cast<int32_t>(n) : kDefaultGemvMaxM;
+}
+
 //! The spec's attribute names, in the spec's order (tests compare this list with graphs/eora_linear.spec.json).
 struct IntField
 {
@@ -59,6 +100,11 @@ constexpr IntField kIntFields[] = {
     {"has_bias", &EoraAttrs::hasBias},
 };
 constexpr int32_t kNumIntFields = sizeof(kIntFields) / sizeof(kIntFields[0]);
+
+//! Serialized planning inputs (not ONNX attributes: the creator's getFieldNames does not list them).
+constexpr char const* kFieldGemvMaxM = "gemv_max_m";
+constexpr char const* kFieldMaxRows = "max_rows";
+constexpr char const* kFieldWorkspace = "workspace_bytes";
 
 int64_t rowsOf(Dims const& d)
 {
@@ -143,8 +189,24 @@ void reportError(IErrorRecorder* recorder, char const* fmt, ...) noexcept
 // ---------------------------------------------------------------------------------------------
 
 EoraLinearPlugin::EoraLinearPlugin(EoraAttrs const& attrs)
-    : mAttrs(attrs)
+    : EoraLinearPlugin(attrs, Planning{})
 {
+}
+
+EoraLinearPlugin::EoraLinearPlugin(EoraAttrs const& attrs, Planning const& planning)
+    : mAttrs(attrs)
+    , mPlan(planning)
+{
+    if (mPlan.gemvMaxM <= 0)
+    {
+        mPlan.gemvMaxM = kDefaultGemvMaxM;
+    }
+    initFields();
+}
+
+void EoraLinearPlugin::initFields()
+{
+    EoraAttrs const& attrs = mAttrs;
     char buf[256];
     std::snprintf(buf, sizeof(buf),
         "EoraLinear:in=%d,out=%d,rank=%d,wbits=%d,group=%d,lrbits=%d,lrgroup=%d,sparse24=%d,bias=%d",
@@ -155,6 +217,9 @@ EoraLinearPlugin::EoraLinearPlugin(EoraAttrs const& attrs)
     {
         mSerFields.emplace_back(f.name, &(mAttrs.*(f.member)), PluginFieldType::kINT32, 1);
     }
+    mSerFields.emplace_back(kFieldGemvMaxM, &mPlan.gemvMaxM, PluginFieldType::kINT32, 1);
+    mSerFields.emplace_back(kFieldMaxRows, &mPlan.maxRows, PluginFieldType::kINT64, 1);
+    mSerFields.emplace_back(kFieldWorkspace, &mPlan.workspaceBytes, PluginFieldType::kINT64, 1);
     mSerFc.nbFields = static_cast<int32_t>(mSerFields.size());
     mSerFc.fields = mSerFields.data();
 }
@@ -168,12 +233,13 @@ void EoraLinearPlugin::releaseDeviceBuffers() noexcept
 {
     if (mSemaphores != nullptr)
     {
-        cudaFree(mSemaphores);
+        gOps.release(mSemaphores);
         mSemaphores = nullptr;
+        mSemaphoresZeroed = false;
     }
     if (mSparse != nullptr)
     {
-        cudaFree(mSparse);
+        gOps.release(mSparse);
         mSparse = nullptr;
         mSparseSource = nullptr;
     }
@@ -195,7 +261,7 @@ IPluginV3* EoraLinearPlugin::clone() noexcept
     try
     {
         // Device buffers are per instance (each clone frees its own), so only the attributes are copied.
-        auto* p = new EoraLinearPlugin(mAttrs);
+        auto* p = new EoraLinearPlugin(mAttrs, mPlan);
         p->mRecorder = mRecorder;
         return p;
     }
@@ -297,7 +363,31 @@ int32_t EoraLinearPlugin::configurePlugin(
         reportError(mRecorder, "EoraLinear: output must be FP16, got %s", typeName(out[0].desc.type));
         return -1;
     }
+    recordMaxRows(rowsOf(in[0].max));
     return 0;
+}
+
+void EoraLinearPlugin::recordMaxRows(int64_t maxM) const noexcept
+{
+    if (maxM < 1)
+    {
+        return;
+    }
+    // Several profiles: the engine's workspace is the largest asked for, so keep the largest of each.
+    EoraLinearParams p = paramsOf(mAttrs);
+    p.gemvMaxM = mPlan.gemvMaxM;
+    int64_t const ws = static_cast<int64_t>(eoraLinearWorkspaceSizeMax(&p, maxM));
+    mPlan.maxRows = maxM > mPlan.maxRows ? maxM : mPlan.maxRows;
+    mPlan.workspaceBytes = ws > mPlan.workspaceBytes ? ws : mPlan.workspaceBytes;
+}
+
+int64_t EoraLinearPlugin::workspaceGiven() const noexcept
+{
+    if (mPlan.workspaceBytes > 0 || mPlan.maxRows > 0)
+    {
+        return mPlan.workspaceBytes;
+    }
+    return -1;
 }
 
 int32_t EoraLinearPlugin::getOutputDataTypes(
@@ -414,8 +504,13 @@ size_t EoraLinearPlugin::getWorkspaceSize(DynamicPluginTensorDesc const* inputs,
     {
         return 0;
     }
-    EoraLinearParams const p = paramsOf(mAttrs);
-    return eoraLinearWorkspaceSizeMax(&p, maxM);
+    EoraLinearParams p = paramsOf(mAttrs);
+    p.gemvMaxM = mPlan.gemvMaxM;
+    size_t const ws = eoraLinearWorkspaceSizeMax(&p, maxM);
+    // What is reported here is what TensorRT allocates: remember it (serialized) so enqueue checks the plan of
+    // every call against it instead of trusting its own arithmetic.
+    recordMaxRows(maxM);
+    return ws;
 }
 
 char const* EoraLinearPlugin::getTimingCacheID() noexcept
@@ -445,35 +540,50 @@ int32_t EoraLinearPlugin::onShapeChange(
             return -1;
         }
     }
+    // TensorRT calls this after tensor addresses or the profile change: constant inputs may be new buffers.
+    ++mWeightsGeneration;
     return 0;
 }
 
-bool EoraLinearPlugin::ensureSemaphores(cudaStream_t stream) noexcept
+bool EoraLinearPlugin::allocateSemaphores(cudaStream_t stream) noexcept
 {
     if (mSemaphores != nullptr)
     {
         return true;
     }
-    cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
-    if (stream != nullptr && cudaStreamIsCapturing(stream, &status) == cudaSuccess
-        && status != cudaStreamCaptureStatusNone)
+    if (gOps.isCapturing(stream))
     {
         return false; // no allocation inside a graph capture; this launch runs without split-K
     }
-    size_t const bytes = sizeof(int32_t) * static_cast<size_t>(eoraLinearSemaphoreCount());
     void* p = nullptr;
-    if (cudaMalloc(&p, bytes) != cudaSuccess)
+    size_t const bytes = sizeof(int32_t) * static_cast<size_t>(eoraLinearSemaphoreCount());
+    if (gOps.allocate(&p, bytes) != 0 || p == nullptr)
     {
-        cudaGetLastError();
-        return false;
-    }
-    if (cudaMemset(p, 0, bytes) != cudaSuccess)
-    {
-        cudaFree(p);
-        cudaGetLastError();
         return false;
     }
     mSemaphores = static_cast<int32_t*>(p);
+    mSemaphoresZeroed = false;
+    return true;
+}
+
+bool EoraLinearPlugin::readySemaphores(cudaStream_t stream) noexcept
+{
+    if (!allocateSemaphores(stream))
+    {
+        return false;
+    }
+    if (!mSemaphoresZeroed)
+    {
+        // On the enqueue stream, so the first kernel that counts is ordered after it whatever kind of stream
+        // TensorRT uses. Inside a capture the memset becomes a graph node (zeroing on every replay, which is
+        // harmless) and is done again at the next eager launch, since a captured graph may never run.
+        size_t const bytes = sizeof(int32_t) * static_cast<size_t>(eoraLinearSemaphoreCount());
+        if (gOps.memsetAsync(mSemaphores, 0, bytes, stream) != 0)
+        {
+            return false;
+        }
+        mSemaphoresZeroed = !gOps.isCapturing(stream);
+    }
     return true;
 }
 
@@ -489,18 +599,12 @@ bool EoraLinearPlugin::ensureSparse(void const* w, cudaStream_t stream) noexcept
     {
         return false;
     }
+    bool const capturing = gOps.isCapturing(stream);
     if (mSparse == nullptr)
     {
-        cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
-        if (stream != nullptr && cudaStreamIsCapturing(stream, &status) == cudaSuccess
-            && status != cudaStreamCaptureStatusNone)
-        {
-            return false;
-        }
         size_t const bytes = eoraSparse24Bytes(mAttrs.inFeatures, mAttrs.outFeatures);
-        if (bytes == 0 || cudaMalloc(&mSparse, bytes) != cudaSuccess)
+        if (capturing || bytes == 0 || gOps.allocate(&mSparse, bytes) != 0)
         {
-            cudaGetLastError();
             mSparse = nullptr;
             return false;
         }
@@ -510,16 +614,19 @@ bool EoraLinearPlugin::ensureSparse(void const* w, cudaStream_t stream) noexcept
     {
         return true; // allocation only (attachToContext)
     }
-    // TensorRT keeps constant inputs at a fixed address for the engine's life, so compaction runs once per
-    // weight address (refitting the weight in place is not supported for sparse24; see README).
-    if (mSparseSource != w)
+    // Rebuilt whenever the weights may have changed: a new address, a new generation of this instance (attach,
+    // onShapeChange) or a refit announced process-wide. Never trusted on the address alone.
+    uint64_t const generation = mWeightsGeneration + (gRefitEpoch.load() << 32);
+    if (mSparseSource != w || mSparseGeneration != generation)
     {
-        if (eoraSparse24Compact(w, mAttrs.inFeatures, mAttrs.outFeatures, mSparse, stream) != EORA_OK)
+        if (gOps.sparse24Compact(w, mAttrs.inFeatures, mAttrs.outFeatures, mSparse, stream) != 0)
         {
             reportError(mRecorder, "%s", eoraLastError());
             return false;
         }
-        mSparseSource = w;
+        // A compaction captured into a graph runs at every replay; only an eager one may be reused.
+        mSparseSource = capturing ? nullptr : w;
+        mSparseGeneration = generation;
     }
     return true;
 }
@@ -547,15 +654,32 @@ int32_t EoraLinearPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTenso
     p.bias = in(kRoleBias);
     p.y = outputs[0];
     p.workspace = workspace;
-    p.noSplitK = ensureSemaphores(stream) ? 0 : 1;
+    p.gemvMaxM = mPlan.gemvMaxM;
+    p.noSplitK = readySemaphores(stream) ? 0 : 1;
     p.semaphores = mSemaphores;
     if (mAttrs.sparse24 == 1 && ensureSparse(p.w, stream))
     {
         p.sparse = mSparse;
     }
-    // TensorRT allocated getWorkspaceSize() for the profile's largest x, which covers this call's plan.
-    p.workspaceBytes = eoraLinearWorkspaceSize(&p);
-    int32_t const rc = eoraLinearForward(&p, stream);
+    // The launch is told the size TensorRT allocated (what getWorkspaceSize reported, serialized with the
+    // engine), never the size this call would like: a plan that needs more is refused, not written past.
+    int64_t const given = workspaceGiven();
+    int64_t const need = static_cast<int64_t>(eoraLinearWorkspaceSize(&p));
+    if (given < 0)
+    {
+        reportError(mRecorder, "EoraLinear: this engine does not record its workspace size (built by an older "
+                               "plugin?); rebuild it");
+        return -1;
+    }
+    if (need > given)
+    {
+        reportError(mRecorder, "EoraLinear: M=%lld needs %lld bytes of workspace, the engine has %lld (profile max M "
+                               "%lld)", static_cast<long long>(p.M), static_cast<long long>(need),
+            static_cast<long long>(given), static_cast<long long>(mPlan.maxRows));
+        return -1;
+    }
+    p.workspaceBytes = static_cast<size_t>(given);
+    int32_t const rc = gOps.forward(&p, stream);
     if (rc != EORA_OK)
     {
         reportError(mRecorder, "%s", eoraLastError());
@@ -575,7 +699,7 @@ IPluginV3* EoraLinearPlugin::attachToContext(IPluginResourceContext* context) no
     {
         // Context creation is outside any CUDA-graph capture: the right moment for persistent buffers. A
         // failure here (e.g. no device yet) is not an error; enqueue tries again.
-        p->ensureSemaphores(nullptr);
+        p->allocateSemaphores(nullptr);
         p->ensureSparse(nullptr, nullptr);
     }
     return p;
@@ -623,8 +747,10 @@ char const* EoraLinearPluginCreator::getPluginNamespace() const noexcept
     return kPLUGIN_NAMESPACE;
 }
 
-bool EoraLinearPluginCreator::parseFields(PluginFieldCollection const* fc, EoraAttrs& attrs, std::string& msg)
+bool EoraLinearPluginCreator::parseFields(
+    PluginFieldCollection const* fc, EoraAttrs& attrs, EoraLinearPlugin::Planning& planning, std::string& msg)
 {
+    planning = EoraLinearPlugin::Planning{};
     if (fc == nullptr || (fc->nbFields > 0 && fc->fields == nullptr))
     {
         msg = "EoraLinear: no PluginFieldCollection given";
@@ -659,6 +785,7 @@ bool EoraLinearPluginCreator::parseFields(PluginFieldCollection const* fc, EoraA
             }
             continue;
         }
+        bool const planField = name == kFieldGemvMaxM || name == kFieldMaxRows || name == kFieldWorkspace;
         IntField const* match = nullptr;
         for (IntField const& k : kIntFields)
         {
@@ -667,7 +794,7 @@ bool EoraLinearPluginCreator::parseFields(PluginFieldCollection const* fc, EoraA
                 match = &k;
             }
         }
-        if (match == nullptr)
+        if (match == nullptr && !planField)
         {
             msg = "EoraLinear: unknown field '" + name + "' (see graphs/eora_linear.spec.json for the attributes)";
             return false;
@@ -690,6 +817,28 @@ bool EoraLinearPluginCreator::parseFields(PluginFieldCollection const* fc, EoraA
         {
             msg = "EoraLinear: field '" + name + "' must be INT32 or INT64";
             return false;
+        }
+        if (planField)
+        {
+            int64_t const hi = name == kFieldGemvMaxM ? kMaxGemvMaxM : INT64_MAX;
+            if (v < 0 || v > hi)
+            {
+                msg = "EoraLinear: field '" + name + "' is out of range (got " + std::to_string(v) + ")";
+                return false;
+            }
+            if (name == kFieldGemvMaxM)
+            {
+                planning.gemvMaxM = static_cast<int32_t>(v);
+            }
+            else if (name == kFieldMaxRows)
+            {
+                planning.maxRows = v;
+            }
+            else
+            {
+                planning.workspaceBytes = v;
+            }
+            continue;
         }
         if (v < INT32_MIN || v > INT32_MAX)
         {
@@ -715,18 +864,23 @@ bool EoraLinearPluginCreator::parseFields(PluginFieldCollection const* fc, EoraA
 }
 
 IPluginV3* EoraLinearPluginCreator::createPlugin(
-    char const* /*name*/, PluginFieldCollection const* fc, TensorRTPhase /*phase*/) noexcept
+    char const* /*name*/, PluginFieldCollection const* fc, TensorRTPhase phase) noexcept
 {
     try
     {
         EoraAttrs attrs;
+        EoraLinearPlugin::Planning planning;
         std::string msg;
-        if (!parseFields(fc, attrs, msg))
+        if (!parseFields(fc, attrs, planning, msg))
         {
             reportError(nullptr, "%s", msg.c_str());
             return nullptr;
         }
-        return new EoraLinearPlugin(attrs);
+        if (planning.gemvMaxM == 0 && phase == TensorRTPhase::kBUILD)
+        {
+            planning.gemvMaxM = buildTimeGemvMaxM();
+        }
+        return new EoraLinearPlugin(attrs, planning);
     }
     catch (std::exception const& e)
     {
@@ -739,131 +893,31 @@ IPluginV3* EoraLinearPluginCreator::createPlugin(
     return nullptr;
 }
 
-// ---------------------------------------------------------------------------------------------
-// Registration without linking libnvinfer
-// ---------------------------------------------------------------------------------------------
-
-namespace
-{
-
 EoraLinearPluginCreator& creatorInstance()
 {
     static EoraLinearPluginCreator creator;
     return creator;
 }
 
-using GetRegistryFn = IPluginRegistry* (*) ();
-
-//! getPluginRegistry of a TensorRT runtime already in the process, or null. RTLD_NOLOAD never loads one.
-GetRegistryFn findLoadedRegistry()
-{
-    if (void* s = dlsym(RTLD_DEFAULT, "getPluginRegistry"))
-    {
-        return reinterpret_cast<GetRegistryFn>(s);
-    }
-    static char const* const kNames[] = {"libnvinfer.so.11", "libnvinfer.so.10", "libnvinfer.so",
-        "libnvinfer_lean.so.11", "libnvinfer_lean.so.10", "libnvinfer_dispatch.so.11", "libnvinfer_dispatch.so.10"};
-    for (char const* name : kNames)
-    {
-        void* h = dlopen(name, RTLD_LAZY | RTLD_NOLOAD);
-        if (h == nullptr)
-        {
-            continue;
-        }
-        void* s = dlsym(h, "getPluginRegistry");
-        dlclose(h); // balances the NOLOAD reference; the library stays loaded by its owner
-        if (s != nullptr)
-        {
-            return reinterpret_cast<GetRegistryFn>(s);
-        }
-    }
-    return nullptr;
-}
-
-//! True if a TensorRT runtime library is on the call stack: this load is IPluginRegistry::loadLibrary, which
-//! registers getCreators() itself (registering here too would make it fail on a duplicate).
-bool loadedByTensorRT()
-{
-    void* frames[96];
-    int const n = backtrace(frames, 96);
-    for (int i = 0; i < n; ++i)
-    {
-        Dl_info info{};
-        if (dladdr(frames[i], &info) == 0 || info.dli_fname == nullptr)
-        {
-            continue;
-        }
-        char const* base = std::strrchr(info.dli_fname, '/');
-        base = base != nullptr ? base + 1 : info.dli_fname;
-        if (std::strncmp(base, "libnvinfer.so", 13) == 0 || std::strncmp(base, "libnvinfer_lean.so", 18) == 0
-            || std::strncmp(base, "libnvinfer_dispatch.so", 22) == 0)
-        {
-            return true;
-        }
-    }
-    return false;
-}
-
-std::mutex gRegisterMutex;
-bool gRegistered = false;
-
-int32_t registerWithLoadedRuntime()
-{
-    std::lock_guard<std::mutex> lock(gRegisterMutex);
-    if (gRegistered)
-    {
-        return 1;
-    }
-    GetRegistryFn const get = findLoadedRegistry();
-    IPluginRegistry* reg = get != nullptr ? get() : nullptr;
-    if (reg == nullptr)
-    {
-        return 0;
-    }
-    gRegistered = reg->registerCreator(creatorInstance(), kPLUGIN_NAMESPACE);
-    return gRegistered ? 1 : 0;
-}
-
-struct LoadTimeRegistrar
-{
-    LoadTimeRegistrar()
-    {
-        char const* env = std::getenv("EORA_PLUGIN_AUTO_REGISTER");
-        bool const forced = env != nullptr && std::strcmp(env, "1") == 0;
-        bool const off = env != nullptr && std::strcmp(env, "0") == 0;
-        if (off || (!forced && loadedByTensorRT()))
-        {
-            return;
-        }
-        registerWithLoadedRuntime();
-    }
-};
-
-LoadTimeRegistrar gLoadTimeRegistrar;
-
-} // namespace
-
 } // namespace plugin
 } // namespace eora
-
-extern "C" nvinfer1::IPluginCreatorInterface* const* getCreators(int32_t& nbCreators)
-{
-    static nvinfer1::IPluginCreatorInterface* const kCreators[] = {&eora::plugin::creatorInstance()};
-    nbCreators = 1;
-    return kCreators;
-}
 
 extern "C" void setLoggerFinder(nvinfer1::ILoggerFinder* finder)
 {
     eora::plugin::gLoggerFinder.store(finder);
 }
 
-extern "C" int32_t eoraRegisterPlugins(void)
-{
-    return eora::plugin::registerWithLoadedRuntime();
-}
-
 extern "C" char const* eoraPluginLastError(void)
 {
     return eora::plugin::tPluginLastError.c_str();
+}
+
+extern "C" void eoraPluginSetDeviceOps(EoraDeviceOps const* ops)
+{
+    eora::plugin::gOps = ops != nullptr ? *ops : eora::plugin::kCudaOps;
+}
+
+extern "C" void eoraPluginWeightsChanged(void)
+{
+    ++eora::plugin::gRefitEpoch;
 }

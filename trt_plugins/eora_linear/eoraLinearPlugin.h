@@ -9,6 +9,7 @@
 
 #include "NvInferRuntime.h"
 #include "eoraLinearCommon.h"
+#include "eoraPluginDeviceOps.h"
 
 #include <string>
 #include <vector>
@@ -75,24 +76,51 @@ public:
         return mAttrs;
     }
 
+    //! Planning inputs beyond the attributes, serialized with the engine so that a launch plans what the build
+    //! planned: the GEMV / tensor-core crossover, the profile's largest M, and the workspace size reported to
+    //! TensorRT (which is what TensorRT allocates and hands to enqueue).
+    struct Planning
+    {
+        int32_t gemvMaxM{0};
+        int64_t maxRows{0};
+        int64_t workspaceBytes{0};
+    };
+    EoraLinearPlugin(EoraAttrs const& attrs, Planning const& planning);
+    Planning const& planning() const noexcept
+    {
+        return mPlan;
+    }
+
 private:
     //! Check one tensor's type and (known) dims against the spec; role from the input order rule.
     bool checkTensor(int32_t pos, nvinfer1::DataType type, nvinfer1::Dims const& dims) const noexcept;
+    //! The workspace enqueue may use: the size reported to TensorRT for this engine, or -1 when unknown.
+    int64_t workspaceGiven() const noexcept;
+    void recordMaxRows(int64_t maxM) const noexcept;
     //! Persistent device buffers: split-K semaphores and the compacted 2:4 weight. Allocated outside graph
-    //! capture (attachToContext or the first enqueue); returns false while they cannot be had.
-    bool ensureSemaphores(cudaStream_t stream) noexcept;
+    //! capture (attachToContext or the first enqueue); the semaphores are zeroed on the enqueue stream.
+    bool allocateSemaphores(cudaStream_t stream) noexcept;
+    bool readySemaphores(cudaStream_t stream) noexcept;
     bool ensureSparse(void const* w, cudaStream_t stream) noexcept;
     bool sparseEligible() const noexcept;
     void releaseDeviceBuffers() noexcept;
+    void initFields();
 
     EoraAttrs mAttrs;
+    mutable Planning mPlan;
     std::string mIdentity;
     std::vector<nvinfer1::PluginField> mSerFields;
     nvinfer1::PluginFieldCollection mSerFc{};
     nvinfer1::IErrorRecorder* mRecorder{nullptr};
     int32_t* mSemaphores{nullptr};
+    bool mSemaphoresZeroed{false};
     void* mSparse{nullptr};
+    //! The compacted weight is valid for this weight address *and* this weights generation; the generation
+    //! moves on attach, on every onShapeChange (TensorRT calls it after tensor addresses or the profile change)
+    //! and on eoraPluginWeightsChanged() (refit), so a rebuilt or refitted weight is compacted again.
     void const* mSparseSource{nullptr};
+    uint64_t mSparseGeneration{0};
+    uint64_t mWeightsGeneration{1};
 };
 
 class EoraLinearPluginCreator : public nvinfer1::IPluginCreatorV3One
@@ -110,12 +138,16 @@ public:
 
     //! Parse a field collection into attributes; false (with the reason in msg) on unknown names, wrong types,
     //! missing required fields or values the spec forbids.
-    static bool parseFields(nvinfer1::PluginFieldCollection const* fc, EoraAttrs& attrs, std::string& msg);
+    static bool parseFields(nvinfer1::PluginFieldCollection const* fc, EoraAttrs& attrs,
+        EoraLinearPlugin::Planning& planning, std::string& msg);
 
 private:
     std::vector<nvinfer1::PluginField> mFields;
     nvinfer1::PluginFieldCollection mFc{};
 };
+
+//! The one creator instance of this library (registered once, and listed by getCreators).
+EoraLinearPluginCreator& creatorInstance();
 
 } // namespace plugin
 } // namespace eora
@@ -128,8 +160,9 @@ extern "C"
     //! TensorRT hands the library a way to reach its logger.
     __attribute__((visibility("default"))) void setLoggerFinder(nvinfer1::ILoggerFinder* finder);
     //! Register the creator with the plugin registry of a libnvinfer already loaded in this process. Done at
-    //! load time when possible; call it after `import tensorrt` if this library was loaded first. Returns 1 if
-    //! the creator is (now) registered, 0 if no TensorRT runtime is loaded.
+    //! load time when possible, and in a Python process right after `import tensorrt` when the library was
+    //! loaded first (see eoraPluginRegistration.cpp). Returns 1 if the creator is (now) registered, 0 if no
+    //! TensorRT runtime is loaded.
     __attribute__((visibility("default"))) int32_t eoraRegisterPlugins(void);
     //! The last error the plugin glue reported on this thread ("" if none): lets tests check the messages.
     __attribute__((visibility("default"))) char const* eoraPluginLastError(void);

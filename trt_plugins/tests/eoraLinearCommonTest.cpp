@@ -14,6 +14,8 @@
  *   index n   n x (9 attributes, count, 8 indices)
  *   validate n  n x (9 attributes, expected 0/1)
  *   plan n    n x (9 attributes, M)        invariants of the launch planner
+ *   wsmax n   n x (9 attributes, maxM, gemvMaxM)   workspaceBytesMax against a brute-force scan of every M
+ *   splitk n  n x (splits, tiles, launches, seed)  the split-K counter protocol, simulated
  */
 #include "eoraLinearCommon.h"
 
@@ -22,6 +24,7 @@
 #include <cstdio>
 #include <fstream>
 #include <string>
+#include <utility>
 #include <vector>
 
 using namespace eora;
@@ -418,6 +421,102 @@ void testPlan(std::istream& in)
     }
 }
 
+
+//! workspaceBytesMax(maxM) must equal the largest need over every M in [1, maxM], for every algo: this is the
+//! size TensorRT allocates, so a smaller value means out-of-bounds writes at some M of the profile.
+void testWorkspaceMax(std::istream& in)
+{
+    int n;
+    in >> n;
+    for (int i = 0; i < n; ++i)
+    {
+        EoraAttrs const a = readAttrs(in);
+        int64_t maxM;
+        int32_t gemvMaxM;
+        in >> maxM >> gemvMaxM;
+        for (int32_t algo : {static_cast<int32_t>(kPathAuto), static_cast<int32_t>(kPathGemv),
+                 static_cast<int32_t>(kPathTensorCore)})
+        {
+            int64_t brute = 0;
+            int64_t at = 0;
+            for (int64_t m = 1; m <= maxM; ++m)
+            {
+                int64_t const b = planForward(a, m, algo, gemvMaxM, true).workspaceBytes;
+                if (b > brute)
+                {
+                    brute = b;
+                    at = m;
+                }
+            }
+            int64_t const got = workspaceBytesMax(a, maxM, algo, gemvMaxM);
+            check(got == brute,
+                "workspaceBytesMax " + attrText(a) + " maxM=" + std::to_string(maxM) + " algo=" + std::to_string(algo)
+                    + ": reported " + std::to_string(got) + ", M=" + std::to_string(at) + " needs "
+                    + std::to_string(brute));
+        }
+    }
+    check(tcRowsPerBlock(1 << 20) <= kMaxRowsPerBlock && gemvRowsPerBlock(1 << 20) <= kMaxRowsPerBlock,
+        "kMaxRowsPerBlock bounds every path's rows per block");
+}
+
+//! Simulate launches of a split-K kernel on one stream: blocks of each tile arrive in a random order, each
+//! does prev = counter++ and the last one (splitKIsLast) re-arms the counter. Exactly one block per tile must be
+//! last in every launch, and every counter must be armed again when a launch ends, starting from the zeroed
+//! state the plugin establishes on the enqueue stream. A stale counter (not zeroed) must break it, which is why
+//! the zeroing has to be ordered before the first launch.
+void testSplitK(std::istream& in)
+{
+    int n;
+    in >> n;
+    for (int i = 0; i < n; ++i)
+    {
+        int32_t splits;
+        int32_t tiles;
+        int32_t launches;
+        uint32_t seed;
+        in >> splits >> tiles >> launches >> seed;
+        auto simulate = [&](int32_t initial) {
+            std::vector<int32_t> counter(static_cast<size_t>(tiles), initial);
+            uint32_t rng = seed;
+            bool ok = true;
+            for (int32_t l = 0; l < launches; ++l)
+            {
+                std::vector<int32_t> arrivals;
+                for (int32_t t = 0; t < tiles; ++t)
+                {
+                    for (int32_t s = 0; s < splits; ++s)
+                    {
+                        arrivals.push_back(t);
+                    }
+                }
+                for (size_t j = arrivals.size(); j > 1; --j) // Fisher-Yates with a fixed LCG
+                {
+                    rng = rng * 1664525u + 1013904223u;
+                    std::swap(arrivals[j - 1], arrivals[rng % j]);
+                }
+                std::vector<int32_t> lasts(static_cast<size_t>(tiles), 0);
+                for (int32_t t : arrivals)
+                {
+                    int32_t const prev = counter[static_cast<size_t>(t)]++;
+                    if (splitKIsLast(prev, splits))
+                    {
+                        ++lasts[static_cast<size_t>(t)];
+                        counter[static_cast<size_t>(t)] = kSplitKArmed;
+                    }
+                }
+                for (int32_t t = 0; t < tiles; ++t)
+                {
+                    ok = ok && lasts[static_cast<size_t>(t)] == 1 && counter[static_cast<size_t>(t)] == kSplitKArmed;
+                }
+            }
+            return ok;
+        };
+        std::string const tag = "splits=" + std::to_string(splits) + " tiles=" + std::to_string(tiles);
+        check(simulate(kSplitKArmed), "split-K protocol from zeroed counters " + tag);
+        check(!simulate(kSplitKArmed + 1), "a stale counter breaks split-K (zeroing must precede it) " + tag);
+    }
+}
+
 } // namespace
 
 int main(int argc, char** argv)
@@ -463,6 +562,14 @@ int main(int argc, char** argv)
         else if (section == "plan")
         {
             testPlan(in);
+        }
+        else if (section == "wsmax")
+        {
+            testWorkspaceMax(in);
+        }
+        else if (section == "splitk")
+        {
+            testSplitK(in);
         }
         else
         {

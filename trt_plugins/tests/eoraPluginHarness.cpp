@@ -11,10 +11,17 @@
  * Output, one line each: "FIELD <name> <type> <length>" for the creator's fields, "ok <check>" or
  * "FAIL <check>: <detail>", and finally "harness: <n> passed, <m> failed". tests/test_plugin_cpu.py compares
  * the FIELD lines with graphs/eora_linear.spec.json and asserts there is no FAIL. No GPU is touched.
+ *
+ * The device-effects section swaps the plugin's device calls (eoraPluginDeviceOps.h) for recording fakes and
+ * checks what a GPU run would do: counters zeroed on the enqueue stream, the workspace TensorRT allocated
+ * passed to (and enforced on) the launch, the serialized planning inputs reaching it, 2:4 rebuilds.
  */
 #include "NvInferRuntime.h"
+#include "eoraLinearCommon.h"
+#include "eoraPluginDeviceOps.h"
 
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <memory>
@@ -542,7 +549,10 @@ void walk(IPluginCreatorV3One* creator, Attrs const& a)
     // Serialization round trip at the runtime phase, and clone.
     {
         PluginFieldCollection const* ser = p.runtime->getFieldsToSerialize();
-        check(ser != nullptr && ser->nbFields == 9, "getFieldsToSerialize has the 9 integer attributes " + t);
+        check(ser != nullptr && ser->nbFields == 12 && std::strcmp(ser->fields[9].name, "gemv_max_m") == 0
+                && std::strcmp(ser->fields[10].name, "max_rows") == 0
+                && std::strcmp(ser->fields[11].name, "workspace_bytes") == 0,
+            "getFieldsToSerialize has the 9 attributes and the 3 planning inputs " + t);
         Plugin back = capabilities(creator->createPlugin("layer", ser, TensorRTPhase::kRUNTIME));
         check(back.v3 != nullptr && back.build != nullptr
                 && std::string(back.build->getMetadataString()) == p.build->getMetadataString(),
@@ -587,6 +597,341 @@ void walk(IPluginCreatorV3One* creator, Attrs const& a)
         }
     }
     delete p.v3;
+}
+
+// ----- Device effects, recorded: what enqueue would do on a GPU --------------------------------------
+
+struct OpsLog
+{
+    std::vector<std::string> events;
+    int32_t capturing = 0;
+    EoraLinearParams last{};
+    int32_t forwards = 0;
+};
+OpsLog gOps;
+
+std::string streamName(cudaStream_t s)
+{
+    return "S" + std::to_string(reinterpret_cast<uintptr_t>(s));
+}
+
+int32_t fakeAllocate(void** ptr, size_t bytes)
+{
+    *ptr = std::aligned_alloc(256, ((bytes + 255) / 256) * 256);
+    gOps.events.push_back("alloc " + std::to_string(bytes));
+    return 0;
+}
+int32_t fakeRelease(void* ptr)
+{
+    std::free(ptr);
+    return 0;
+}
+int32_t fakeMemset(void* /*ptr*/, int32_t value, size_t bytes, cudaStream_t s)
+{
+    gOps.events.push_back("memset " + std::to_string(value) + " " + std::to_string(bytes) + " " + streamName(s));
+    return 0;
+}
+int32_t fakeCapturing(cudaStream_t /*s*/)
+{
+    return gOps.capturing;
+}
+int32_t fakeCompact(void const* w, int32_t /*K*/, int32_t /*N*/, void* /*out*/, cudaStream_t s)
+{
+    gOps.events.push_back("compact " + std::to_string(reinterpret_cast<uintptr_t>(w)) + " " + streamName(s));
+    return 0;
+}
+int32_t fakeForward(EoraLinearParams const* p, cudaStream_t s)
+{
+    gOps.events.push_back("forward " + streamName(s));
+    gOps.last = *p;
+    ++gOps.forwards;
+    return 0;
+}
+
+std::string joined(std::vector<std::string> const& v)
+{
+    std::string r;
+    for (auto const& e : v)
+    {
+        r += (r.empty() ? "" : " | ") + e;
+    }
+    return r;
+}
+
+//! Fake device pointers for every input (never dereferenced by the host code), 256-byte aligned.
+std::vector<void const*> fakeInputs(int32_t n, uintptr_t base)
+{
+    std::vector<void const*> v;
+    for (int32_t i = 0; i < n; ++i)
+    {
+        v.push_back(reinterpret_cast<void const*>(base + 0x100000u * static_cast<uintptr_t>(i + 1)));
+    }
+    return v;
+}
+
+std::vector<PluginTensorDesc> runtimeDescs(Io const& io, int64_t batch)
+{
+    std::vector<PluginTensorDesc> ins;
+    for (auto const& d : io.in)
+    {
+        PluginTensorDesc x = d.desc;
+        if (x.dims.d[0] < 0)
+        {
+            x.dims.d[0] = batch;
+        }
+        ins.push_back(x);
+    }
+    return ins;
+}
+
+int32_t runEnqueue(Plugin& pl, Io const& io, int64_t batch, void const* w, cudaStream_t s)
+{
+    std::vector<PluginTensorDesc> ins = runtimeDescs(io, batch);
+    PluginTensorDesc out = io.out[0].desc;
+    out.dims.d[0] = batch;
+    std::vector<void const*> ptrs = fakeInputs(static_cast<int32_t>(ins.size()), 0x40000000u);
+    if (w != nullptr)
+    {
+        ptrs[1] = w;
+    }
+    void* outs[1] = {reinterpret_cast<void*>(0x7000000u)};
+    return pl.runtime->enqueue(ins.data(), &out, ptrs.data(), outs, reinterpret_cast<void*>(0x9000000u), s);
+}
+
+int64_t serializedInt(PluginFieldCollection const* fc, char const* name)
+{
+    for (int32_t i = 0; fc != nullptr && i < fc->nbFields; ++i)
+    {
+        if (std::strcmp(fc->fields[i].name, name) == 0)
+        {
+            return fc->fields[i].type == PluginFieldType::kINT64 ? *static_cast<int64_t const*>(fc->fields[i].data)
+                                                                 : *static_cast<int32_t const*>(fc->fields[i].data);
+        }
+    }
+    return -1;
+}
+
+//! Llama-7B MLP shape whose workspace the v1 planner under-reported: the exact maximum over every M of the
+//! profile, the planning inputs serialized and used, the counters zeroed on the enqueue stream.
+void deviceEffects(IPluginCreatorV3One* creator)
+{
+    Attrs a;
+    a.in = 4096;
+    a.out = 11008;
+    a.rank = 128;
+    a.group = 128;
+    a.lbits = 4;
+    a.lgroup = 64;
+    a.bias = 0;
+    int64_t const maxBatch = 2500; // x is [batch, 16, in]: max M = 40000
+    int64_t const maxM = maxBatch * 16;
+
+    setenv("EORA_GEMV_MAX_M", "12", 1); // read once, at build time
+    Fields f(a);
+    Plugin b = capabilities(creator->createPlugin("layer", f.fc(), TensorRTPhase::kBUILD));
+    check(b.v3 != nullptr, "device effects: createPlugin", lastError());
+    if (b.v3 == nullptr)
+    {
+        return;
+    }
+    Io io = wellFormed(a, maxBatch);
+    int32_t const nIn = static_cast<int32_t>(io.in.size());
+    check(b.build->configurePlugin(io.in.data(), nIn, io.out.data(), 1) == 0, "device effects: configurePlugin");
+    int64_t const ws = static_cast<int64_t>(b.build->getWorkspaceSize(io.in.data(), nIn, io.out.data(), 1));
+
+    eora::EoraAttrs ea;
+    ea.inFeatures = a.in;
+    ea.outFeatures = a.out;
+    ea.rank = a.rank;
+    ea.weightBits = a.wbits;
+    ea.groupSize = a.group;
+    ea.lowrankBits = a.lbits;
+    ea.lowrankGroupSize = a.lgroup;
+    int64_t brute = 0;
+    int64_t argmax = 0;
+    for (int64_t m = 1; m <= maxM; ++m)
+    {
+        int64_t const need = eora::planForward(ea, m, eora::kPathAuto, 12, true).workspaceBytes;
+        if (need > brute)
+        {
+            brute = need;
+            argmax = m;
+        }
+    }
+    check(ws >= brute, "getWorkspaceSize covers every M up to the profile max (K=4096 N=11008 r=128 maxM=40000)",
+        "reported " + std::to_string(ws) + ", M=" + std::to_string(argmax) + " needs " + std::to_string(brute));
+
+    PluginFieldCollection const* ser = b.runtime->getFieldsToSerialize();
+    check(serializedInt(ser, "gemv_max_m") == 12 && serializedInt(ser, "max_rows") == maxM
+            && serializedInt(ser, "workspace_bytes") == ws,
+        "planning inputs serialized (gemv_max_m from the build-time env, max_rows, workspace_bytes)");
+
+    setenv("EORA_GEMV_MAX_M", "2", 1); // a different value at run time must change nothing
+    Plugin r = capabilities(creator->createPlugin("layer", ser, TensorRTPhase::kRUNTIME));
+    unsetenv("EORA_GEMV_MAX_M");
+    check(r.v3 != nullptr, "device effects: runtime createPlugin", lastError());
+    if (r.v3 == nullptr)
+    {
+        delete b.v3;
+        return;
+    }
+
+    EoraDeviceOps const ops{fakeAllocate, fakeRelease, fakeMemset, fakeCapturing, fakeCompact, fakeForward};
+    eoraPluginSetDeviceOps(&ops);
+    gOps = OpsLog{};
+    Recorder rec;
+    ResourceContext ctx(&rec);
+    Plugin att = capabilities(r.runtime->attachToContext(&ctx));
+    std::string const sem = std::to_string(4 * eora::kSemaphoreCount);
+    check(joined(gOps.events) == "alloc " + sem, "attachToContext allocates the counters, zeroes nothing yet",
+        joined(gOps.events));
+
+    cudaStream_t const s1 = reinterpret_cast<cudaStream_t>(uintptr_t{1});
+    gOps.events.clear();
+    int32_t rc = runEnqueue(att, io, 1, nullptr, s1);
+    check(rc == 0 && joined(gOps.events) == "memset 0 " + sem + " S1 | forward S1",
+        "split-K counters zeroed on the enqueue stream, before the launch", joined(gOps.events) + " " + lastError());
+    check(gOps.last.gemvMaxM == 12 && gOps.last.noSplitK == 0 && gOps.last.semaphores != nullptr,
+        "the launch plans with the serialized gemv_max_m (not the run-time env)", std::to_string(gOps.last.gemvMaxM));
+    check(static_cast<int64_t>(gOps.last.workspaceBytes) == ws,
+        "the launch is told the workspace TensorRT allocated, not what it needs",
+        std::to_string(gOps.last.workspaceBytes) + " vs " + std::to_string(ws));
+    gOps.events.clear();
+    rc = runEnqueue(att, io, maxBatch, nullptr, s1);
+    check(rc == 0 && joined(gOps.events) == "forward S1", "later launches reuse the self-resetting counters",
+        joined(gOps.events));
+
+    // A plan larger than the engine's workspace is refused, never launched.
+    {
+        Io small = wellFormed(a, 1); // max M = 16
+        Fields f2(a);
+        Plugin b2 = capabilities(creator->createPlugin("layer", f2.fc(), TensorRTPhase::kBUILD));
+        b2.build->configurePlugin(small.in.data(), nIn, small.out.data(), 1);
+        int64_t const ws16 = static_cast<int64_t>(b2.build->getWorkspaceSize(small.in.data(), nIn, small.out.data(), 1));
+        int64_t over = 0;
+        for (int64_t batch = 2; batch <= 4096 && over == 0; ++batch)
+        {
+            if (eora::planForward(ea, batch * 16, eora::kPathAuto, eora::kDefaultGemvMaxM, true).workspaceBytes > ws16)
+            {
+                over = batch;
+            }
+        }
+        Plugin r2 = capabilities(creator->createPlugin("layer", b2.runtime->getFieldsToSerialize(), TensorRTPhase::kRUNTIME));
+        Recorder rec2;
+        ResourceContext ctx2(&rec2);
+        Plugin att2 = capabilities(r2.runtime->attachToContext(&ctx2));
+        gOps.events.clear();
+        int32_t const forwardsBefore = gOps.forwards;
+        rc = runEnqueue(att2, small, over, nullptr, s1);
+        check(over > 0 && rc != 0 && gOps.forwards == forwardsBefore && rec2.getNbErrors() > 0
+                && std::string(rec2.getErrorDesc(rec2.getNbErrors() - 1)).find("workspace") != std::string::npos,
+            "a call needing more workspace than the engine has is refused before any launch",
+            "batch " + std::to_string(over) + " rc " + std::to_string(rc));
+        delete att2.v3;
+        delete r2.v3;
+        delete b2.v3;
+    }
+
+    // Graph capture: nothing allocated inside it; a zeroing captured into a graph is redone eagerly.
+    {
+        Plugin cold = capabilities(r.v3->clone());
+        cudaStream_t const s2 = reinterpret_cast<cudaStream_t>(uintptr_t{2});
+        gOps.events.clear();
+        gOps.capturing = 1;
+        rc = runEnqueue(cold, io, 1, nullptr, s2);
+        check(rc == 0 && joined(gOps.events) == "forward S2" && gOps.last.noSplitK == 1 && gOps.last.semaphores == nullptr,
+            "inside a capture before any buffer exists: no allocation, no split-K", joined(gOps.events));
+        delete cold.v3;
+
+        gOps.capturing = 0;
+        Plugin warm = capabilities(r.runtime->attachToContext(&ctx)); // contexts are made outside captures
+        gOps.events.clear();
+        gOps.capturing = 1;
+        rc = runEnqueue(warm, io, 1, nullptr, s2);
+        gOps.capturing = 0;
+        runEnqueue(warm, io, 1, nullptr, s2);
+        runEnqueue(warm, io, 1, nullptr, s2);
+        check(joined(gOps.events) == "memset 0 " + sem + " S2 | forward S2 | memset 0 " + sem + " S2 | forward S2 | forward S2",
+            "counters zeroed inside a capture are zeroed again at the next eager launch", joined(gOps.events));
+        delete warm.v3;
+    }
+    delete att.v3;
+    delete r.v3;
+    delete b.v3;
+}
+
+//! 2:4 compaction happens on the enqueue stream whenever the weights may have changed, never on the address alone.
+void sparseRebuilds(IPluginCreatorV3One* creator)
+{
+    Attrs a;
+    a.sparse = 1;
+    a.bias = 0;
+    Fields f(a);
+    Plugin b = capabilities(creator->createPlugin("layer", f.fc(), TensorRTPhase::kBUILD));
+    Io io = wellFormed(a, 1);
+    int32_t const nIn = static_cast<int32_t>(io.in.size());
+    b.build->configurePlugin(io.in.data(), nIn, io.out.data(), 1);
+    b.build->getWorkspaceSize(io.in.data(), nIn, io.out.data(), 1);
+    Plugin r = capabilities(creator->createPlugin("layer", b.runtime->getFieldsToSerialize(), TensorRTPhase::kRUNTIME));
+    Recorder rec;
+    ResourceContext ctx(&rec);
+    gOps = OpsLog{};
+    Plugin att = capabilities(r.runtime->attachToContext(&ctx));
+    cudaStream_t const s3 = reinterpret_cast<cudaStream_t>(uintptr_t{3});
+    void const* w1 = reinterpret_cast<void const*>(uintptr_t{0x1000});
+    void const* w2 = reinterpret_cast<void const*>(uintptr_t{0x2000});
+    auto compactions = [&]() {
+        std::vector<std::string> c;
+        for (auto const& e : gOps.events)
+        {
+            if (e.rfind("compact", 0) == 0)
+            {
+                c.push_back(e);
+            }
+        }
+        return joined(c);
+    };
+    std::vector<PluginTensorDesc> ins = runtimeDescs(io, 1);
+    PluginTensorDesc out = io.out[0].desc;
+    out.dims.d[0] = 1;
+
+    gOps.events.clear();
+    runEnqueue(att, io, 1, w1, s3);
+    runEnqueue(att, io, 1, w1, s3);
+    check(compactions() == "compact 4096 S3" && gOps.last.sparse != nullptr,
+        "2:4 weight compacted once, on the enqueue stream, and used", joined(gOps.events));
+
+    gOps.events.clear();
+    att.runtime->onShapeChange(ins.data(), nIn, &out, 1);
+    runEnqueue(att, io, 1, w1, s3);
+    check(compactions() == "compact 4096 S3", "onShapeChange (new tensor addresses or profile) recompacts at the same address",
+        joined(gOps.events));
+
+    gOps.events.clear();
+    eoraPluginWeightsChanged();
+    runEnqueue(att, io, 1, w1, s3);
+    runEnqueue(att, io, 1, w2, s3);
+    check(compactions() == "compact 4096 S3 | compact 8192 S3", "a refit and a new weight address both recompact",
+        joined(gOps.events));
+
+    gOps.events.clear();
+    gOps.capturing = 1;
+    runEnqueue(att, io, 1, w1, s3);
+    gOps.capturing = 0;
+    runEnqueue(att, io, 1, w1, s3);
+    runEnqueue(att, io, 1, w1, s3);
+    check(compactions() == "compact 4096 S3 | compact 4096 S3",
+        "a compaction captured into a graph is not trusted by later eager launches", joined(gOps.events));
+
+    Plugin other = capabilities(r.runtime->attachToContext(&ctx));
+    gOps.events.clear();
+    runEnqueue(other, io, 1, w1, s3);
+    check(compactions() == "compact 4096 S3", "each context's instance compacts its own copy", joined(gOps.events));
+    delete other.v3;
+    delete att.v3;
+    delete r.v3;
+    delete b.v3;
+    eoraPluginSetDeviceOps(nullptr);
 }
 
 void badAttributes(IPluginCreatorV3One* creator)
@@ -722,6 +1067,8 @@ int main()
     walk(creator, int8);
 
     badAttributes(creator);
+    deviceEffects(creator);
+    sparseRebuilds(creator);
 
     std::printf("harness: %d passed, %d failed\n", gPassed, gFailed);
     return gFailed == 0 ? 0 : 1;

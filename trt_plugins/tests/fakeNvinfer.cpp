@@ -6,7 +6,8 @@
  *   getPluginRegistry()     a registry that records every registerCreator call;
  *   fakeLoadLibrary(path)   what IPluginRegistry::loadLibrary does: dlopen the library from inside
  *                           "libnvinfer", then register the creators its getCreators() returns;
- *   fakeRegistrations(...)  "<namespace>::<name>/<version>@<how>" lines, how = static | library.
+ *   fakeRegistrations(...)  "<namespace>::<name>/<version>@<how>" lines, how = static | library | duplicate;
+ *   fakeFindCreator(name)   1 if the registry holds eora::<name>/1: the lookup the ONNX parser makes.
  */
 #include "NvInferRuntime.h"
 
@@ -64,8 +65,19 @@ public:
         *n = static_cast<int32_t>(mCreators.size());
         return mCreators.data();
     }
-    IPluginCreatorInterface* getCreator(AsciiChar const* const, AsciiChar const* const, AsciiChar const* const) noexcept override
+    //! What TensorRT's ONNX parser asks when it meets a node it has no importer for.
+    IPluginCreatorInterface* getCreator(
+        AsciiChar const* const name, AsciiChar const* const version, AsciiChar const* const ns) noexcept override
     {
+        for (IPluginCreatorInterface* existing : mCreators)
+        {
+            auto* e = static_cast<IPluginCreatorV3One*>(existing);
+            if (std::strcmp(e->getPluginName(), name) == 0 && std::strcmp(e->getPluginVersion(), version) == 0
+                && std::strcmp(e->getPluginNamespace(), ns != nullptr ? ns : "") == 0)
+            {
+                return existing;
+            }
+        }
         return nullptr;
     }
     bool deregisterCreator(IPluginCreatorInterface const&) noexcept override
@@ -123,4 +135,9 @@ extern "C" __attribute__((visibility("default"))) int fakeLoadLibrary(char const
 extern "C" __attribute__((visibility("default"))) char const* fakeRegistrations()
 {
     return gLog.c_str();
+}
+
+extern "C" __attribute__((visibility("default"))) int fakeFindCreator(char const* name)
+{
+    return gRegistry.getCreator(name, "1", "eora") != nullptr ? 1 : 0;
 }
