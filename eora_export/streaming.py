@@ -49,6 +49,7 @@ import contextlib
 import gc
 import hashlib
 import importlib
+import inspect
 import json
 import logging
 import math
@@ -74,6 +75,7 @@ from .calibration import GramCollector, GramStore
 from .compensate.apply import CompensationConfig, compensate_layers, layer_rank, swapped
 from .compress import CompressConfig, compress_model
 from .errors import BadInput, MissingDependency, MissingInput, UsageError
+from .evaluate import window_scores
 from .models import TARGET_SUFFIXES, read_config
 from .modules import EoraLinear
 from .quant import QuantizedMatrix, pack_int4, unpack_int4
@@ -325,8 +327,20 @@ class BlockHost(nn.Module):
         pos, pe = self._pos(x)
         window = getattr(self.config, "sliding_window", None) if self.config.model_type == "mistral" else None
         mask_fn = masking_utils.create_causal_mask if window is None else masking_utils.create_sliding_window_causal_mask
-        mask = mask_fn(config=self.config, inputs_embeds=x, attention_mask=None, past_key_values=None, position_ids=pos)
+        # positional: the embeddings argument is input_embeds in 4.x and inputs_embeds in 5.x
+        mask = mask_fn(self.config, x, None, position_ids=pos, **_no_cache_kwargs(mask_fn))
         return self.layer(x, attention_mask=mask, position_ids=pos, position_embeddings=pe)
+
+
+def _no_cache_kwargs(mask_fn: Callable) -> dict:
+    """"No KV cache" in the mask builder's own words: transformers ≥ 5.24 calls it ``cache`` (and
+    removes ``past_key_values`` in 5.40); 4.53–5.23 call it ``past_key_values`` and 4.x also
+    requires ``cache_position``."""
+    params = inspect.signature(mask_fn).parameters
+    kwargs: dict = {"cache": None} if "cache" in params else {"past_key_values": None}
+    if "cache_position" in params and params["cache_position"].default is inspect.Parameter.empty:
+        kwargs["cache_position"] = None
+    return kwargs
 
 
 def block_linears(host: BlockHost, only: list[str] | None = None, skip: list[str] | None = None) -> dict[str, nn.Linear]:
@@ -754,8 +768,7 @@ def _head_nll(ckpt: StreamingCheckpoint, hidden: dict[str, Tensor], ids: Tensor,
             x = norm(h[i : i + batch_size].to(device=device, dtype=torch.float32))
             logits = F.linear(x, head).float()
             b_ids = ids[i : i + batch_size].to(device)
-            nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), b_ids[:, 1:].reshape(-1), reduction="sum")
-            total += float(nll)
+            total += float(window_scores(logits, b_ids)[0].sum())  # the in-memory path's own NLL sum
             count += b_ids[:, 1:].numel()
         out[label] = total / max(count, 1)
     return out
