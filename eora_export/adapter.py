@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from .hf_compat import add_legacy_rope_keys, save_tokenizer
 from .modules import EoraLinear
 from .quant import QuantizedMatrix, pack_int4, unpack_int4
 
@@ -168,8 +169,10 @@ def save_compressed_base(model: nn.Module, tokenizer, modules: dict[str, EoraLin
         state[f"{name}.weight"] = mod.weight.to(torch.float16).contiguous()
     model.config.dtype = "float16"
     model.config.save_pretrained(out_dir)
+    # Files that older transformers (vLLM, TensorRT-LLM) read the same as the installed one.
+    add_legacy_rope_keys(out_dir / "config.json", model.config)
     if tokenizer is not None:
-        tokenizer.save_pretrained(out_dir)
+        save_tokenizer(tokenizer, out_dir)
     if getattr(model.config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)
     save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})

@@ -39,6 +39,7 @@ import torch
 
 from .atomic import atomic_dir, default_mode
 from .errors import BadInput, MissingDependency, UsageError
+from .hf_compat import add_legacy_rope_keys, rope_settings, save_tokenizer
 
 log = logging.getLogger("eora_export")
 
@@ -51,6 +52,11 @@ HF_TO_TRTLLM_LORA = {
 }
 # Linears TensorRT-LLM fuses into one GEMM: they must be quantized alike (all or none).
 FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+# TensorRT-LLM checkpoint GEMM of a Llama layer -> the Hugging Face Linears it concatenates (rows, in
+# this order), as ModelOpt's export_tensorrt_llm_checkpoint writes them.
+TRTLLM_GEMMS = {"attention.qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                "attention.dense": ("self_attn.o_proj",), "mlp.fc": ("mlp.gate_proj",), "mlp.gate": ("mlp.up_proj",),
+                "mlp.proj": ("mlp.down_proj",)}
 
 
 def check_trtllm_config(cfg: Any) -> None:
@@ -178,30 +184,82 @@ def dequantize_packed_rows(packed: torch.Tensor, scale: torch.Tensor, group: int
     return (codes.float() * scale.float().repeat_interleave(group, dim=1)).to(torch.float16)
 
 
-def _verify(ckpt: Path, modules: dict[str, Any]) -> None:
-    """The exported INT4 weights must decode to W_c exactly (guards against ModelOpt changes)."""
-    names = _quantized_names(modules)
-    decoded = decode_unified_checkpoint(ckpt, names)
-    for name in names:
+def decode_trtllm_checkpoint(ckpt: Path) -> dict[str, torch.Tensor]:
+    """float16 ``[out, in]`` of the INT4 GEMMs of a TensorRT-LLM checkpoint, by its own names
+    (``transformer.layers.0.attention.qkv``): the packing of :func:`decode_unified_checkpoint`,
+    with the scales named ``weights_scaling_factor``."""
+    from safetensors import safe_open
+
+    group = int(json.loads((ckpt / "config.json").read_text())["quantization"]["group_size"])
+    out: dict[str, torch.Tensor] = {}
+    for path in sorted(ckpt.glob("rank*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            for key in f.keys():
+                if key.endswith(".weights_scaling_factor"):
+                    name = key[: -len(".weights_scaling_factor")]
+                    out[name] = dequantize_packed_rows(f.get_tensor(f"{name}.weight"), f.get_tensor(key), group)
+    return out
+
+
+def trtllm_gemm_weights(modules: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """W_c of the quantized Linears under TensorRT-LLM's GEMM names, fused rows concatenated."""
+    out: dict[str, torch.Tensor] = {}
+    for name in _quantized_names(modules):
+        prefix, sep, rest = name.partition(".layers.")
+        index, _, local = rest.partition(".")
+        for gemm, parts in TRTLLM_GEMMS.items():
+            if sep and local == parts[0]:
+                rows = [modules[f"{prefix}.layers.{index}.{p}"].weight.to(torch.float16) for p in parts]
+                out[f"transformer.layers.{index}.{gemm}"] = torch.cat(rows)
+    return out
+
+
+def _check_codes(what: str, decoded: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    """One line naming the first layer whose exported codes and scales do not give back W_c exactly."""
+    for name, w in want.items():
         got = decoded.get(name)
-        if got is None or not torch.equal(got, modules[name].weight.to(torch.float16)):
-            raise RuntimeError(f"ModelOpt's export of {name} does not decode to eora-export's W_c; "
-                               "this ModelOpt version packs INT4 differently (report it)")
+        if got is None or not torch.equal(got, w):
+            why = "is missing" if got is None else "does not decode to eora-export's W_c"
+            raise BadInput(f"ModelOpt's {what} changed the INT4 codes ({name} {why}); this ModelOpt version "
+                           "re-quantizes the weights (report it); use --out X.onnx / X.plan meanwhile")
+
+
+def _check_fused_smoothing(model: torch.nn.Module) -> None:
+    """Linears TensorRT-LLM fuses must share one AWQ pre-quant scale, or the export changes codes.
+
+    ModelOpt's export (``preprocess_linear_fusion``, modelopt/torch/export/quant_utils.py) replaces
+    differing pre-quant scales of q/k/v or gate/up by their mean and re-quantizes each weight
+    (``_update_pre_quant_scale``: weight * old / new, then a fresh amax), so W_c would not survive.
+    """
+    for name, sub in model.named_modules():
+        for group in FUSED_GROUPS:
+            quantizers = [getattr(getattr(sub, s, None), "input_quantizer", None) for s in group]
+            scales = [getattr(q, "pre_quant_scale", None) for q in quantizers]
+            if any(s is None for s in scales):
+                continue
+            if not all(torch.equal(s, scales[0]) for s in scales[1:]):
+                raise BadInput(f"{name}: the AWQ pre-quant scales of {'/'.join(group)} differ, so ModelOpt's export would "
+                               "average them and re-quantize the weights (changing the INT4 codes); use --out X.onnx / X.plan")
 
 
 def _export_unified(mtq: Any, mte: Any, result: Any, modules: dict[str, Any], group_size: int, dest: Path) -> None:
     model = _base_model(result, modules)
+    names = _quantized_names(modules)
     with _quiet():
-        if _quantized_names(modules):
+        if names:
             model = _quantize(mtq, model, modules, group_size)
+            _check_fused_smoothing(model)
         try:
             mte.export_hf_checkpoint(model, dtype=torch.float16, export_dir=dest)
         except AssertionError as e:  # ModelOpt's shape checks (e.g. an odd output dimension)
             raise BadInput(f"ModelOpt cannot export this model for TensorRT-LLM: {e}") from None
+    # TensorRT-LLM reads this folder with its own, older transformers (see hf_compat).
+    add_legacy_rope_keys(dest / "config.json", model.config)
     if result.tokenizer is not None:
-        result.tokenizer.save_pretrained(dest)
-    if _quantized_names(modules):
-        _verify(dest, modules)
+        save_tokenizer(result.tokenizer, dest)
+    if names:
+        want = {n: modules[n].weight.to(torch.float16) for n in names}
+        _check_codes("export_hf_checkpoint", decode_unified_checkpoint(dest, names), want)
 
 
 def _export_trtllm(mtq: Any, mte: Any, result: Any, modules: dict[str, Any], group_size: int, dest: Path) -> str | None:
@@ -212,14 +270,35 @@ def _export_trtllm(mtq: Any, mte: Any, result: Any, modules: dict[str, Any], gro
     decoder = get_model_type(model)
     if decoder is None:
         return f"ModelOpt has no TensorRT-LLM decoder type for {type(model).__name__}"
+    quantized = bool(_quantized_names(modules))
     with _quiet():
-        if _quantized_names(modules):
+        if quantized:
             model = _quantize(mtq, model, modules, group_size)
+            _check_fused_smoothing(model)
         try:
             mte.export_tensorrt_llm_checkpoint(model, decoder, dtype=torch.float16, export_dir=dest, inference_tensor_parallel=1)
         except Exception as e:  # legacy path only; the unified checkpoint stands on its own
             return f"ModelOpt's export_tensorrt_llm_checkpoint failed ({type(e).__name__}: {e})"
+    write_rope(dest / "config.json", model.config)
+    if quantized:
+        _check_codes("export_tensorrt_llm_checkpoint", decode_trtllm_checkpoint(dest), trtllm_gemm_weights(modules))
     return None
+
+
+def write_rope(config_json: Path, source_config: Any) -> None:
+    """``rotary_base`` / ``rotary_scaling`` of a TensorRT-LLM checkpoint from the source model's config.
+
+    ModelOpt takes them from ``model.config.__dict__`` (``rope_theta``, ``rope_scaling``:
+    modelopt/torch/export/hf_config_map.py), where transformers 5 has only ``rope_parameters``, and
+    TensorRT-LLM then defaults to θ = 10000 without scaling. ``rotary_scaling`` takes the Hugging
+    Face ``rope_scaling`` form, as TensorRT-LLM's own ``LLaMAConfig.from_hugging_face`` passes it on;
+    plain RoPE gets none (TensorRT-LLM's ``RotaryScalingType.from_string`` knows no "default").
+    """
+    theta, scaling = rope_settings(source_config)
+    data = json.loads(config_json.read_text())
+    data["rotary_base"] = theta
+    data["rotary_scaling"] = scaling
+    config_json.write_text(json.dumps(data, indent=4) + "\n")
 
 
 @dataclass(frozen=True)
@@ -255,19 +334,28 @@ def lora_factors(modules: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _readme(out: Path, modules: dict[str, Any], cfg: Any, group_size: int, rank: int, legacy_reason: str | None) -> str:
+def _readme(out: Path, modules: dict[str, Any], cfg: Any, group_size: int, rank: int, legacy_reason: str | None,
+            max_seq_len: int) -> str:
     targets = {n.rsplit(".", 1)[-1] for n, m in modules.items() if m.rank}
     trt_targets = " ".join(v for k, v in HF_TO_TRTLLM_LORA.items() if k in targets)
     return trtllm_readme(out.resolve(), quant=cfg.quant, bits=cfg.bits, group_size=group_size, sparsity=cfg.sparsity,
-                         lowrank_bits=cfg.lowrank_bits, rank=rank, trt_targets=trt_targets, legacy_reason=legacy_reason)
+                         lowrank_bits=cfg.lowrank_bits, rank=rank, trt_targets=trt_targets, legacy_reason=legacy_reason,
+                         max_seq_len=max_seq_len)
+
+
+def engine_lengths(max_position_embeddings: int) -> tuple[int, int]:
+    """(--max_input_len, --max_seq_len) of trtllm-build: the whole context the model was trained for,
+    half of it (at most 1024 tokens) for the prompt."""
+    return min(1024, max(1, max_position_embeddings // 2)), max_position_embeddings
 
 
 def trtllm_readme(out: Path, *, quant: str, bits: int, group_size: int, sparsity: str, lowrank_bits: int, rank: int,
-                  trt_targets: str, legacy_reason: str | None = None) -> str:
+                  trt_targets: str, max_seq_len: int, legacy_reason: str | None = None) -> str:
     """The README.md of a --format trtllm folder: layout, LLM API recipe, trtllm-build recipe.
 
     Commands use ``$OUT`` (set to this folder where it was written) because the folder is usually
-    copied to the GPU machine that runs TensorRT-LLM.
+    copied to the GPU machine that runs TensorRT-LLM. ``max_seq_len``: the model's
+    max_position_embeddings (positions past it were never trained).
     """
     base = f"W4A16_AWQ: INT4 weights, group {group_size}, fp16 activations" if quant != "none" else "FP16 (unquantized)"
     lines = [
@@ -311,8 +399,9 @@ def trtllm_readme(out: Path, *, quant: str, bits: int, group_size: int, sparsity
     if legacy_reason:
         lines.append(f"No `trtllm_checkpoint/` was written: {legacy_reason}. Use the LLM API above.")
     else:
+        max_input, max_seq = engine_lengths(max_seq_len)
         build = ["trtllm-build --checkpoint_dir $OUT/trtllm_checkpoint --output_dir $OUT/engine \\",
-                 "    --gemm_plugin auto --max_batch_size 8 --max_input_len 1024 --max_seq_len 2048"]
+                 f"    --gemm_plugin auto --max_batch_size 8 --max_input_len {max_input} --max_seq_len {max_seq}"]
         run = ["python3 TensorRT-LLM/examples/run.py --engine_dir $OUT/engine --tokenizer_dir $OUT/checkpoint \\",
                '    --max_output_len 32 --input_text "The capital of France is"']
         if rank:
@@ -322,6 +411,10 @@ def trtllm_readme(out: Path, *, quant: str, bits: int, group_size: int, sparsity
             run[-1] += " \\"
             run.append("    --lora_dir $OUT/lora --lora_task_uids 0")
         lines += ["```bash", *build, *run, "```"]
+        if rank and quant != "none":
+            lines += ["", "LoRA on an INT4 (W4A16 AWQ) base through trtllm-build is unconfirmed upstream for current "
+                          "TensorRT-LLM releases (NVIDIA's RTX-AI-Toolkit guide shows it with TensorRT-LLM 0.11; we found no "
+                          "TensorRT-LLM example or test of it); the LLM API above is the path to use first."]
     return "\n".join(lines) + "\n"
 
 
@@ -352,7 +445,8 @@ def write_trtllm(args: Any, cfg: Any, result: Any, out: Path) -> int:
             log.warning("no trtllm_checkpoint/ (trtllm-build input): %s; checkpoint/ serves the LLM API", legacy)
         if factors:
             save_peft_adapter(factors, tmp / "lora", str(out / "checkpoint"), meta)
-        (tmp / "README.md").write_text(_readme(out, modules, cfg, group_size, rank, legacy))
+        max_pos = int(result.model.config.max_position_embeddings)
+        (tmp / "README.md").write_text(_readme(out, modules, cfg, group_size, rank, legacy, max_pos))
         _fix_modes(tmp)
     print(f"TensorRT-LLM: {out}/checkpoint (ModelOpt {'W4A16_AWQ' if quantized else 'FP16'})"
           + (f", {out}/lora (PEFT LoRA, rank {rank})" if factors else "") + f"; recipe in {out}/README.md")

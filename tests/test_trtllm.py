@@ -15,7 +15,7 @@ from test_deploy import GROUP, RANK, cli_args, debris, error_lines, shared_run
 
 from eora_export.cli import main
 from eora_export.compensate.apply import swapped
-from eora_export.errors import UsageError
+from eora_export.errors import BadInput, UsageError
 from eora_export.modules import EoraLinear
 from eora_export.quant import QuantizedMatrix, quantize
 from eora_export.trtllm import (
@@ -244,3 +244,171 @@ def test_fp16_sparse_base_exports_unquantized(tiny_model_dir, tmp_path):
     assert not (tmp_path / "ckpt" / "hf_quant_config.json").exists()
     sd = load_file(str(tmp_path / "ckpt" / "model.safetensors"))
     assert torch.equal(sd[f"{name}.weight"], w)
+
+
+# --------------------------------------------------------------------------- files older consumers read
+
+# Tokenizer classes that transformers 4.45.2 resolves by name (transformers/models/auto/tokenization_auto.py:
+# TOKENIZER_MAPPING_NAMES and tokenizer_class_from_name's PreTrainedTokenizerFast case), the oldest
+# transformers we support; TensorRT-LLM 1.2 pins 4.57.1. Only the Llama-family ones matter here.
+TRANSFORMERS_4_45_TOKENIZER_CLASSES = {"PreTrainedTokenizerFast", "LlamaTokenizer", "LlamaTokenizerFast",
+                                       "CodeLlamaTokenizer", "CodeLlamaTokenizerFast", "GPT2TokenizerFast"}
+
+
+def _check_tokenizer_for_transformers_4(folder: Path) -> None:
+    """What transformers 4.45 … 4.57 need of tokenizer_config.json to load the folder with AutoTokenizer."""
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    assert cfg["tokenizer_class"] in TRANSFORMERS_4_45_TOKENIZER_CLASSES, (folder, cfg["tokenizer_class"])
+    assert (folder / "tokenizer.json").is_file(), "the fast classes read tokenizer.json"
+    # 4.57's PreTrainedTokenizerBase.__init__ calls extra_special_tokens.keys(): a dict or nothing.
+    assert isinstance(cfg.get("extra_special_tokens", {}), dict), cfg["extra_special_tokens"]
+
+
+def test_exported_tokenizers_load_in_transformers_4_45_to_5(exported, tiny_model_dir):
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    out, _ = exported
+    text = "The quick brown fox jumps over the lazy dog."
+    want = AutoTokenizer.from_pretrained(tiny_model_dir)(text)["input_ids"]
+    for folder in (out / "checkpoint", out.parent / "llm.eora" / "base"):
+        _check_tokenizer_for_transformers_4(folder)
+        # ... and the installed transformers reads it as before, by the class it names too.
+        assert AutoTokenizer.from_pretrained(folder)(text)["input_ids"] == want, folder
+        assert PreTrainedTokenizerFast.from_pretrained(folder)(text)["input_ids"] == want, folder
+
+
+def test_portable_tokenizer_config_rules():
+    from eora_export.hf_compat import portable_tokenizer_config
+
+    v5 = {"tokenizer_class": "TokenizersBackend", "backend": "tokenizers", "extra_special_tokens": ["<|eot|>", "<x>"],
+          "additional_special_tokens": ["<x>"], "is_local": True, "local_files_only": False, "bos_token": "<s>"}
+    got = portable_tokenizer_config(v5, has_tokenizer_json=True)
+    assert got == {"tokenizer_class": "PreTrainedTokenizerFast", "backend": "tokenizers", "bos_token": "<s>",
+                   "additional_special_tokens": ["<x>", "<|eot|>"]}
+    named = {"tokenizer_class": "LlamaTokenizerFast", "extra_special_tokens": {"image_token": "<img>"}}
+    assert portable_tokenizer_config(named, has_tokenizer_json=True) == named, "4.x names and dict forms stay"
+    with pytest.raises(ValueError, match=r"without tokenizer\.json"):
+        portable_tokenizer_config(v5, has_tokenizer_json=False)
+
+
+# RoPE of Meta-Llama-3.1-8B's config.json (θ 500000, llama3 scaling), as the Hub has it (transformers 4 keys).
+LLAMA3_ROPE_SCALING = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                       "original_max_position_embeddings": 8192, "rope_type": "llama3"}
+# TensorRT-LLM's RotaryScalingType names (tensorrt_llm/functional.py); RotaryScalingType.from_string
+# raises on anything else, "default" included.
+TRTLLM_ROTARY_SCALING_TYPES = {"none", "linear", "dynamic", "longrope", "llama3", "yarn", "mrope"}
+
+
+def _llama3_model_dir(src: Path, dest: Path, form: str) -> Path:
+    """The tiny model with a Llama-3.1 RoPE, its config.json written by transformers 4 ("hub") or 5."""
+    import shutil
+
+    shutil.copytree(src, dest)
+    config = json.loads((dest / "config.json").read_text())
+    config.pop("rope_parameters", None)
+    config["max_position_embeddings"] = 16384
+    if form == "hub":
+        config.update(rope_theta=500000.0, rope_scaling=dict(LLAMA3_ROPE_SCALING))
+    else:
+        config["rope_parameters"] = {**LLAMA3_ROPE_SCALING, "rope_theta": 500000.0}
+    (dest / "config.json").write_text(json.dumps(config))
+    return dest
+
+
+@pytest.mark.parametrize("form", ["hub", "transformers5"])
+def test_llama3_rope_reaches_both_checkpoints(tiny_model_dir, tmp_path, form):
+    from transformers import AutoConfig
+
+    from eora_export.trtllm import _export_trtllm, _export_unified, _modelopt
+
+    model_dir = _llama3_model_dir(tiny_model_dir, tmp_path / "llama3", form)
+    source = SimpleNamespace(model_path=model_dir, tokenizer=None)
+    assert _export_trtllm(*_modelopt(), source, {}, 0, tmp_path / "trtllm_checkpoint") is None
+    _export_unified(*_modelopt(), source, {}, 0, tmp_path / "checkpoint")
+    # trtllm-build's input: what TensorRT-LLM's LLaMAConfig.from_hugging_face would have made of the Hub config.
+    trt = json.loads((tmp_path / "trtllm_checkpoint" / "config.json").read_text())
+    assert trt["rotary_base"] == 500000.0 and trt["rotary_scaling"] == LLAMA3_ROPE_SCALING
+    assert trt["rotary_scaling"]["rope_type"] in TRTLLM_ROTARY_SCALING_TYPES and trt["max_position_embeddings"] == 16384
+    # The LLM API's input, read by TensorRT-LLM's transformers 4.57 (rope_theta / rope_scaling; 4.45's
+    # _validate_llama3_parameters needs these keys) and by transformers 5 (rope_parameters first).
+    hf = json.loads((tmp_path / "checkpoint" / "config.json").read_text())
+    assert hf["rope_theta"] == 500000.0 and hf["rope_scaling"] == LLAMA3_ROPE_SCALING
+    assert set(hf["rope_scaling"]) >= {"rope_type", "factor", "original_max_position_embeddings", "low_freq_factor",
+                                       "high_freq_factor"}
+    assert AutoConfig.from_pretrained(tmp_path / "checkpoint").rope_parameters == {**LLAMA3_ROPE_SCALING, "rope_theta": 500000.0}
+
+
+def test_plain_rope_is_written_explicitly(exported):
+    out, _ = exported
+    trt = json.loads((out / "trtllm_checkpoint" / "config.json").read_text())
+    # θ written out; no scaling entry (TensorRT-LLM's RotaryScalingType has no "default").
+    assert trt["rotary_base"] == 10000.0 and trt["rotary_scaling"] is None
+    hf = json.loads((out / "checkpoint" / "config.json").read_text())
+    assert hf["rope_theta"] == 10000.0 and hf["rope_scaling"] is None
+
+
+def test_engine_build_recipe_follows_the_model(exported, tiny_model_dir):
+    out, _ = exported
+    readme = (out / "README.md").read_text()
+    max_pos = json.loads((tiny_model_dir / "config.json").read_text())["max_position_embeddings"]
+    assert f"--max_input_len {max_pos // 2} --max_seq_len {max_pos}" in readme
+    assert readme.index("## LLM API (PyTorch backend)") < readme.index("## TensorRT engine (trtllm-build")
+    assert "LoRA on an INT4 (W4A16 AWQ) base through trtllm-build is unconfirmed upstream" in readme
+
+
+# --------------------------------------------------------------------------- exactness guards
+
+
+def test_trtllm_gemm_names_match_the_checkpoint(exported):
+    from eora_export.trtllm import decode_trtllm_checkpoint, trtllm_gemm_weights
+
+    out, result = exported
+    decoded, want = decode_trtllm_checkpoint(out / "trtllm_checkpoint"), trtllm_gemm_weights(_modules(result))
+    assert set(decoded) == set(want) and len(want) == 5 * result.model.config.num_hidden_layers
+    assert all(torch.equal(decoded[k], want[k]) for k in want)
+
+
+def test_differing_fused_smoothing_is_refused_in_one_line(tiny_model_dir, monkeypatch, capsys, tmp_path):
+    """ModelOpt averages differing q/k/v pre-quant scales and re-quantizes: refused before it can."""
+    import eora_export.trtllm as trtllm
+
+    _, result = shared_run(tiny_model_dir)
+    real = trtllm._quantize
+
+    def skewed(mtq, model, modules, group_size):
+        model = real(mtq, model, modules, group_size)
+        q = model.get_submodule("model.layers.0.self_attn.k_proj").input_quantizer
+        q.pre_quant_scale = q.pre_quant_scale * 2
+        return model
+
+    monkeypatch.setattr(trtllm, "_quantize", skewed)
+    monkeypatch.setattr("eora_export.pipeline.compute", lambda c, progress=True: result)
+    code = main(cli_args(tiny_model_dir, tmp_path / "llm", "--format", "trtllm"))
+    assert code == BadInput.exit_code
+    lines = error_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and "pre-quant scales of q_proj/k_proj/v_proj differ" in lines[0], lines
+    assert not (tmp_path / "llm").exists() and debris(tmp_path) == []
+
+
+def test_a_code_changed_by_the_export_is_refused_in_one_line(tiny_model_dir, monkeypatch, tmp_path):
+    """Both checkpoints are decoded after the export; one flipped nibble in trtllm_checkpoint fails the run."""
+    from safetensors.torch import save_file
+
+    import eora_export.trtllm as trtllm
+
+    cfg, result = shared_run(tiny_model_dir)
+    mtq, mte = trtllm._modelopt()
+
+    def flipping(model, decoder, **kwargs):
+        mte.export_tensorrt_llm_checkpoint(model, decoder, **kwargs)
+        path = Path(kwargs["export_dir"]) / "rank0.safetensors"
+        sd = load_file(str(path))
+        sd["transformer.layers.1.mlp.proj.weight"][0, 0] ^= 0x01
+        save_file(sd, str(path))
+
+    fake = SimpleNamespace(export_hf_checkpoint=mte.export_hf_checkpoint, export_tensorrt_llm_checkpoint=flipping)
+    monkeypatch.setattr(trtllm, "_modelopt", lambda: (mtq, fake))
+    with pytest.raises(BadInput) as e:
+        write_trtllm(SimpleNamespace(), cfg, result, tmp_path / "llm")
+    assert "export_tensorrt_llm_checkpoint changed the INT4 codes (transformer.layers.1.mlp.proj does not decode" in str(e.value)
+    assert "\n" not in str(e.value) and not (tmp_path / "llm").exists()
