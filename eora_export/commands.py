@@ -54,7 +54,7 @@ def compare_main(argv: list[str]) -> int:
     plugin = _compare_plugin(args.plugin_lib)
 
     def replay(path: Path) -> str:
-        return polygraphy_command(path, plugin or "libeora_plugin.so", inputs_json=args.out / "inputs.json",
+        return polygraphy_command(path, plugin, inputs_json=args.out / "inputs.json",
                                   baseline_outputs=args.out / "baseline_outputs.json", seq_len=args.seq_len)
 
     if not args.trt:
@@ -80,6 +80,7 @@ def _compare_trt(models: dict[str, Path], plugin: Path | None, replay, out: Path
     import subprocess
 
     from .trt.build import missing_tensorrt_reason
+    from .verify import plugin_path
 
     reason = missing_tensorrt_reason()
     if reason is None and shutil.which("polygraphy") is None:
@@ -88,7 +89,7 @@ def _compare_trt(models: dict[str, Path], plugin: Path | None, replay, out: Path
         raise MissingDependency(f"{reason}; the ONNX Runtime comparison is saved in {out}/, replay it on a GPU machine: "
                                 + replay(next(iter(models.values()))))
     if plugin is None or not plugin.is_file():
-        raise MissingInput(f"plugin library {plugin or 'libeora_plugin.so'} not found; build it with `eora-export build-plugin` "
+        raise MissingInput(f"plugin library {plugin_path(plugin)} not found; build it with `eora-export build-plugin` "
                            "or pass --plugin-lib")
     failed = []
     for name, path in models.items():

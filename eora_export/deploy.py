@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from .atomic import atomic_dir, atomic_file, default_mode
 from .compensate.apply import compensate_layers, swapped
 from .errors import MissingDependency, MissingInput, UsageError
+from .verify import plugin_path
 
 if TYPE_CHECKING:
     from .trt.build import ShapeProfile
@@ -122,13 +123,19 @@ def write_build_script(plan: Path, plugin: Path | None, command: str) -> Path:
     if plugin is not None and (plan.parent / plugin.name).resolve() != plugin.resolve():
         with atomic_file(plan.parent / plugin.name) as tmp:
             shutil.copy2(plugin, tmp)
-    # Absolute paths before the cd: the script may be run from any folder (bash out/X.build.sh).
-    lib = f'"$HERE/{plugin.name}"' if plugin else '"$(realpath "${EORA_PLUGIN_LIB:?build it first: eora-export build-plugin}")"'
+    # Absolute paths before the cd: the script may be run from any folder (bash out/X.build.sh), and
+    # trtexec dlopens --dynamicPlugins, which looks a bare name up on the library path only.
+    default = plugin_path(None)  # where `eora-export build-plugin` puts it
+    lib = f'"$HERE/{plugin.name}"' if plugin else f'"$(realpath -m "${{EORA_PLUGIN_LIB:-{default}}}")"'
     body = f"""#!/usr/bin/env bash
 # Finish the TensorRT engine build of {plan.name} on a machine with a GPU and TensorRT.
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 PLUGIN={lib}
+if [ ! -f "$PLUGIN" ]; then
+  echo "{plan.with_suffix('.build.sh').name}: no plugin library at $PLUGIN; build it with eora-export build-plugin or set EORA_PLUGIN_LIB" >&2
+  exit 3
+fi
 cd "$HERE"
 {command} --dynamicPlugins="$PLUGIN"
 """
@@ -154,7 +161,7 @@ def write_plan(args, result, plan: Path) -> int:
         # The script cds to its folder: name files there by name, a cache elsewhere by its full path.
         cache_arg = Path(cache.name) if cache.parent.resolve() == plan.parent.resolve() else cache.resolve()
         command = trtexec_command(Path(paths.fused.name), Path(plan.name), None, profile, cache_arg)
-        script = write_build_script(plan, plugin, command)
+        script = write_build_script(plan, plugin, command).absolute()
         # stdout: the error below must stay the only line on stderr.
         print(f"wrote {paths.fused} (fused), {paths.pattern}, {paths.baseline} and {script}")
         raise MissingDependency(f"{str(e).split(';')[0]}; no {plan.name} was written. "
@@ -172,18 +179,22 @@ def write_triton(args, result, repo: Path) -> int:
     plugin = _plugin_library(args)
     model = triton.TritonModel(args.triton_name, int(result.model.config.vocab_size), args.max_batch)
     reason = missing_tensorrt_reason()
+    trt_version = None
     # Only this model's folder is replaced: other models in the repository stay.
     with atomic_dir(repo / model.name) as tmp:
         if reason is None:
+            import tensorrt
+
+            trt_version = str(getattr(tensorrt, "__version__", "unknown"))
             cache = args.timing_cache or staging / "model.timing.cache"
             plan = build_engine(onnx_set.fused, staging / "model.plan", plugin, _profile(args, result), cache)
-            triton.write_model_dir(plan, tmp, model)
+            triton.write_model_dir(plan, tmp, model, notes=triton.plan_notes(trt_version))
         else:
             # Without TensorRT the repository serves the unfused pattern on ONNX Runtime.
             extra = [p for p in [Path(str(onnx_set.pattern) + ".data")] if p.exists()]
             triton.write_model_dir(onnx_set.pattern, tmp, model, extra)
-        command = triton.serve_command(repo, plugin if reason is None else None)
-        (tmp / "README.md").write_text(triton_readme(model, command, reason))
+        command = triton.serve_command(repo, plugin_path(plugin) if reason is None else None)
+        (tmp / "README.md").write_text(triton_readme(model, command, plugin_path(plugin), trt_version))
     print(f"Triton repository: {repo}/{model.name} ({'tensorrt_plan' if reason is None else 'onnxruntime_onnx'})")
     print(f"serve it: {command}")
     if reason:
@@ -192,20 +203,33 @@ def write_triton(args, result, repo: Path) -> int:
     return 0
 
 
-def triton_readme(model, command: str, reason: str | None) -> str:
-    platform = "onnxruntime_onnx (unfused pattern)" if reason else "tensorrt_plan (fused EoraLinear plugin)"
-    # The pattern graph is opset 21 (blocked INT4 DequantizeLinear): older ORT builds in Triton reject it.
-    ort_note = ("The ONNX model is opset 21 with INT4 DequantizeLinear (block_size): the Triton image's ONNX Runtime "
-                "must support it (1.20 or newer).\n") if reason else ""
+def triton_readme(model, command: str, plugin: Path, trt_version: str | None) -> str:
+    """README.md of the model folder; ``trt_version``: the TensorRT that built model.plan (None: ONNX model)."""
+    serve = f"""Serve it:
+
+    {command}
+"""
+    if trt_version is not None:
+        platform = "tensorrt_plan (fused EoraLinear plugin)"
+        notes = (f"model.plan was built with TensorRT {trt_version}. A plan (built without TensorRT's "
+                 "version-compatible flag) loads only under the TensorRT version that built it, "
+                 "so serve it with a Triton image of that same TensorRT version (NVIDIA's support matrix lists each image's "
+                 "TensorRT), or rebuild it with eora-export on the serving image.\n")
+    else:
+        platform = "onnxruntime_onnx (unfused pattern)"
+        # The pattern graph is opset 21 (blocked INT4 DequantizeLinear): older ORT builds in Triton reject it.
+        notes = ("The ONNX model is opset 21 with INT4 DequantizeLinear (block_size): the Triton image's ONNX Runtime must "
+                 "support it (1.20 or newer).\n\n"
+                 "For the fused TensorRT engine (tensorrt_plan), run `eora-export ... --format triton` on a GPU machine whose "
+                 "TensorRT is the version of the Triton image that will serve it (a plan loads only under the TensorRT that "
+                 f"built it), and pass the plugin: `--backend-config=tensorrt,plugins={plugin}`.\n")
     return f"""# Triton model repository: {model.name}
 
 Platform: {platform}. Input `{model.input_name}` INT64 [batch, seq]; output `{model.output_name}` FP16
 [batch, seq, {model.vocab_size}]; max batch {model.max_batch_size}, dynamic batching on.
 
-    {command}
-
-With a TensorRT engine, pass the plugin: `--backend-config=tensorrt,plugins=/path/libeora_plugin.so`.
-{ort_note}"""
+{serve}
+{notes}"""
 
 
 def write_deployment(args, fmt: str, cfg, result) -> int:
@@ -233,7 +257,6 @@ def run_verify(args, cfg, result, paths: OnnxSet) -> None:
     verify_dir = cfg.out / "verify"
     report = verify_onnx(result, cfg, paths, result.held, verify_dir)
     print(report.table())
-    plugin = _plugin_library(args) or "libeora_plugin.so"
     print("replay on a GPU machine with TensorRT:\n  " + polygraphy_command(
-        paths.fused, plugin, inputs_json=verify_dir / "inputs.json",
+        paths.fused, _plugin_library(args), inputs_json=verify_dir / "inputs.json",
         baseline_outputs=verify_dir / "baseline_outputs.json", seq_len=cfg.seq_len))

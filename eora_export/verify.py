@@ -5,7 +5,7 @@ Every model runs under Polygraphy's ``OnnxrtRunner`` with our exact-reference se
 the CPU). The feeds are saved as ``inputs.json`` and each model's outputs as a Polygraphy
 ``RunResults`` JSON (what ``polygraphy run --save-outputs`` writes), so on a GPU machine
 
-    polygraphy run fused.onnx --trt --plugins libeora_plugin.so \\
+    polygraphy run /abs/fused.onnx --trt --plugins /abs/libeora_plugin.so \\
         --load-inputs inputs.json --load-outputs baseline_outputs.json ...
 
 replays the same windows in TensorRT (see :func:`polygraphy_command`). Elementwise
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -166,17 +167,31 @@ def compare_pair(baseline: str | Path, model: str | Path, windows: np.ndarray, o
     return compare_models(baseline, {name: model}, windows, out_dir)
 
 
-def polygraphy_command(onnx_path: str | Path, plugin_lib: str | Path = "libeora_plugin.so", *,
+def plugin_path(plugin_lib: str | Path | None) -> Path:
+    """Absolute path of the plugin library for a printed command: the given one, else where
+    ``eora-export build-plugin`` puts it.
+
+    Polygraphy's ``--plugins`` (``ctypes.CDLL``), trtexec's ``--dynamicPlugins`` and Triton's
+    ``plugins=`` (``dlopen``) look a bare file name up on the library search path, never beside
+    the graph or in the current folder.
+    """
+    from .trt.plugin import DEFAULT_BUILD_DIR, LIB_NAME
+
+    return Path(os.path.abspath(Path(plugin_lib).expanduser())) if plugin_lib else DEFAULT_BUILD_DIR / LIB_NAME
+
+
+def polygraphy_command(onnx_path: str | Path, plugin_lib: str | Path | None = None, *,
                        inputs_json: str | Path = "inputs.json",
                        baseline_outputs: str | Path = "baseline_outputs.json",
                        seq_len: int | None = None, atol: float = 1.0, rtol: float = 0.0) -> str:
     """The ``polygraphy run`` line that replays the saved windows in TensorRT on a GPU.
 
+    Every path is absolute (the plugin's per :func:`plugin_path`), so the line runs from any folder.
     A compensated model differs from the baseline by design: atol is loose and the check
     uses the mean error; judge it by the perplexity and top-1 figures of the report.
     """
-    cmd = ["polygraphy", "run", str(onnx_path), "--trt", "--strongly-typed", "--plugins", str(plugin_lib),
-           "--load-inputs", str(inputs_json), "--load-outputs", str(baseline_outputs),
+    cmd = ["polygraphy", "run", os.path.abspath(onnx_path), "--trt", "--strongly-typed", "--plugins", str(plugin_path(plugin_lib)),
+           "--load-inputs", os.path.abspath(inputs_json), "--load-outputs", os.path.abspath(baseline_outputs),
            "--check-error-stat", "mean", "--atol", f"{atol:g}", "--rtol", f"{rtol:g}"]
     if seq_len is not None:
         shape = f"input_ids:[1,{seq_len}]"
@@ -184,7 +199,7 @@ def polygraphy_command(onnx_path: str | Path, plugin_lib: str | Path = "libeora_
     return shlex.join(cmd)
 
 
-def print_polygraphy_command(onnx_path: str | Path, plugin_lib: str | Path = "libeora_plugin.so",
+def print_polygraphy_command(onnx_path: str | Path, plugin_lib: str | Path | None = None,
                              **kwargs: Any) -> str:
     """Print (and return) :func:`polygraphy_command`."""
     cmd = polygraphy_command(onnx_path, plugin_lib, **kwargs)

@@ -98,6 +98,7 @@ class FakeTRT(types.ModuleType):
 
     def __init__(self, build_result: object = b"ftrt-fake-engine") -> None:
         super().__init__("tensorrt")
+        self.__version__ = "10.13.0.35"
         self.calls: list[tuple] = []
         self.build_result = build_result
         trt = self
@@ -299,20 +300,59 @@ json.dump({{"argv": sys.argv[1:], "cwd": os.getcwd(), "plugin_exists": os.path.i
     return json.loads(record.read_text())
 
 
-def test_plan_without_plugin_library_points_the_script_at_the_env(run_cli, no_tensorrt, monkeypatch, tmp_path):
+def test_plan_without_plugin_library_points_the_script_at_the_build_folder(run_cli, no_tensorrt, monkeypatch, tmp_path):
+    """No plugin here: the script takes $EORA_PLUGIN_LIB, else the absolute path `eora-export build-plugin`
+    writes, never a bare name (trtexec dlopens --dynamicPlugins, which searches the library path only)."""
+    build_dir = tmp_path / "checkout" / "build" / "trt_plugins"
+    monkeypatch.setattr("eora_export.trt.plugin.DEFAULT_BUILD_DIR", build_dir)
     monkeypatch.delenv("EORA_PLUGIN_LIB", raising=False)
     monkeypatch.setattr("eora_export.trt.plugin.find_library", lambda: None)
     plan = tmp_path / "demo.plan"
     code, _, err = run_cli(plan)
     assert code == 5 and len(error_lines(err)) == 1
-    text = plan.with_suffix(".build.sh").read_text()
-    assert "${EORA_PLUGIN_LIB:?build it first: eora-export build-plugin}" in text
+    script = plan.with_suffix(".build.sh")
+    assert f'"${{EORA_PLUGIN_LIB:-{build_dir / "libeora_plugin.so"}}}"' in script.read_text()
     assert not (tmp_path / "libeora_plugin.so").exists() and not plan.exists()
+    # Not built yet: the script stops with one line that says how to get it.
+    import subprocess
+
+    proc = subprocess.run(["bash", str(script)], cwd=tmp_path, capture_output=True, text=True,
+                          env={k: v for k, v in os.environ.items() if k != "EORA_PLUGIN_LIB"})
+    assert proc.returncode == 3 and f"no plugin library at {build_dir / 'libeora_plugin.so'}" in proc.stderr
+    assert "eora-export build-plugin" in proc.stderr and len(proc.stderr.splitlines()) == 1
+    # Built by build-plugin: trtexec gets its absolute path.
+    build_dir.mkdir(parents=True)
+    (build_dir / "libeora_plugin.so").write_bytes(b"fake")
+    args = _run_script_with_fake_trtexec(script, tmp_path)
+    assert args["plugin_exists"] and args["plugin"] == str(build_dir / "libeora_plugin.so")
     # A relative $EORA_PLUGIN_LIB is taken from where the script is started, not from its folder.
     (tmp_path / "libs").mkdir()
     (tmp_path / "libs" / "libeora_plugin.so").write_bytes(b"fake")
-    args = _run_script_with_fake_trtexec(plan.with_suffix(".build.sh"), tmp_path, {"EORA_PLUGIN_LIB": "libs/libeora_plugin.so"})
+    args = _run_script_with_fake_trtexec(script, tmp_path, {"EORA_PLUGIN_LIB": "libs/libeora_plugin.so"})
     assert args["plugin_exists"] and args["plugin"] == str((tmp_path / "libs" / "libeora_plugin.so").resolve())
+
+
+def test_plan_message_and_script_are_absolute_for_a_relative_out(run_cli, no_tensorrt, plugin_lib, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(Path("rel") / "demo.plan")
+    assert code == 5
+    (line,) = error_lines(err)
+    assert line.endswith(f"bash {tmp_path / 'rel' / 'demo.build.sh'}")
+
+
+def test_build_engine_message_names_absolute_paths(no_tensorrt, monkeypatch, tmp_path):
+    """The trtexec line in build_engine's error runs from any folder, with the plugin by absolute path."""
+    import shlex
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(MissingDependency) as e:
+        build_engine(Path("m.onnx"), Path("m.plan"), Path("lib/libeora_plugin.so"), ShapeProfile(), Path("m.cache"))
+    argv = shlex.split(str(e.value).split("TensorRT: ", 1)[1])
+    assert argv[0] == "trtexec"
+    flags = dict(a.split("=", 1) for a in argv[1:] if "=" in a)
+    for flag, name in (("--onnx", "m.onnx"), ("--saveEngine", "m.plan"), ("--dynamicPlugins", "lib/libeora_plugin.so"),
+                       ("--timingCacheFile", "m.cache")):
+        assert flags[flag] == str(tmp_path / name), flag
 
 
 def test_plan_with_tensorrt_but_no_gpu(run_cli, plugin_lib, monkeypatch, tmp_path):
@@ -478,12 +518,14 @@ def test_config_pbtxt_follows_tritons_schema(platform):
     assert [(g.count, g.kind) for g in cfg.instance_group] == [(1, pb.ModelInstanceGroup.KIND_GPU)]
 
 
-def test_triton_repository_without_tensorrt_serves_the_pattern_on_onnxruntime(run_cli, no_tensorrt, tiny_model_dir, tmp_path):
+def test_triton_repository_without_tensorrt_serves_the_pattern_on_onnxruntime(run_cli, no_tensorrt, plugin_lib, tiny_model_dir,
+                                                                             monkeypatch, tmp_path):
     import onnxruntime as ort
     from tritonclient.grpc import model_config_pb2 as pb
 
     repo = tmp_path / "repo"
-    code, out, err = run_cli(repo, "--format", "triton", "--triton-name", "tiny")
+    monkeypatch.chdir(tmp_path)  # a relative --out: the printed commands still name absolute paths
+    code, out, err = run_cli(Path("repo"), "--format", "triton", "--triton-name", "tiny")
     assert code == 0, err
     cfg = _model_config((repo / "tiny" / "config.pbtxt").read_text())
     assert cfg.platform == "onnxruntime_onnx" and cfg.max_batch_size == 8
@@ -497,8 +539,11 @@ def test_triton_repository_without_tensorrt_serves_the_pattern_on_onnxruntime(ru
     (logits,) = sess.run(["logits"], {"input_ids": np.ones((2, 5), dtype=np.int64)})
     assert logits.shape == (2, 5, vocab) and logits.dtype == np.float16
     readme = (repo / "tiny" / "README.md").read_text()
-    assert f"tritonserver --model-repository {repo}" in readme and "--backend-config=tensorrt,plugins=" in readme
-    assert "onnxruntime_onnx" in out and "tritonserver" in out
+    assert f"tritonserver --model-repository {repo}\n" in readme
+    # How to get the engine: built on the serving image's TensorRT, the plugin by absolute path.
+    assert f"--backend-config=tensorrt,plugins={plugin_lib}`" in readme
+    assert "TensorRT is the version of the Triton image that will serve it" in readme
+    assert f"serve it: tritonserver --model-repository {repo}\n" in out
     assert "note:" in err and debris(tmp_path) == []
 
 
@@ -511,6 +556,13 @@ def test_triton_repository_with_tensorrt_holds_the_plan(run_cli, fake_trt, plugi
     assert (repo / "eora_llm" / "1" / "model.plan").read_bytes() == b"ftrt-fake-engine"
     assert f"--backend-config=tensorrt,plugins={plugin_lib}" in out
     assert fake_trt.named("load_library") == [("load_library", str(plugin_lib))]
+    # A plan loads only under the TensorRT that built it: the config and the README say which one.
+    text = (repo / "eora_llm" / "config.pbtxt").read_text()
+    assert text.startswith(f"# model.plan was built with TensorRT {fake_trt.__version__}: serve it with a Triton image of "
+                           "that same TensorRT version")
+    readme = (repo / "eora_llm" / "README.md").read_text()
+    assert f"model.plan was built with TensorRT {fake_trt.__version__}" in readme and "same TensorRT version" in readme
+    assert f"tritonserver --model-repository {repo} --backend-config=tensorrt,plugins={plugin_lib}\n" in readme
     assert (tmp_path / "repo.eora" / "model.timing.cache").is_file(), "Triton builds reuse a timing cache too"
 
 

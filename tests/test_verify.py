@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -90,11 +92,53 @@ def test_saved_results_load_in_polygraphy(report, exported, windows):
     assert stored["models"][2]["top1_agreement"] == report.models[2].top1_agreement
 
 
-def test_polygraphy_command_line():
+def _replay_paths(cmd: str) -> dict[str, str]:
+    argv = shlex.split(cmd)
+    assert argv[:2] == ["polygraphy", "run"] and "--trt" in argv
+    return {"model": argv[2], **{flag: argv[argv.index(flag) + 1] for flag in ("--plugins", "--load-inputs", "--load-outputs")}}
+
+
+def test_polygraphy_command_line(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
     cmd = polygraphy_command("fused.onnx", "/opt/libeora_plugin.so", seq_len=16)
-    assert cmd.startswith("polygraphy run fused.onnx --trt --strongly-typed --plugins /opt/libeora_plugin.so")
-    for part in ("--load-inputs inputs.json", "--load-outputs baseline_outputs.json", "input_ids:[1,16]"):
+    assert cmd.startswith(f"polygraphy run {tmp_path / 'fused.onnx'} --trt --strongly-typed --plugins /opt/libeora_plugin.so")
+    for part in (f"--load-inputs {tmp_path / 'inputs.json'}", f"--load-outputs {tmp_path / 'baseline_outputs.json'}",
+                 "input_ids:[1,16]"):
         assert part in cmd
+
+
+def test_polygraphy_command_names_the_plugin_by_absolute_path(monkeypatch, tmp_path):
+    """Polygraphy loads --plugins with ctypes.CDLL: a bare name is looked up on the library path, not here."""
+    from eora_export.trt.plugin import DEFAULT_BUILD_DIR, LIB_NAME
+
+    monkeypatch.chdir(tmp_path)
+    paths = _replay_paths(polygraphy_command("g.onnx", "build/libeora_plugin.so", inputs_json="v/in.json",
+                                             baseline_outputs="v/base.json"))
+    assert paths == {"model": str(tmp_path / "g.onnx"), "--plugins": str(tmp_path / "build" / "libeora_plugin.so"),
+                     "--load-inputs": str(tmp_path / "v" / "in.json"), "--load-outputs": str(tmp_path / "v" / "base.json")}
+    # No plugin built yet: where `eora-export build-plugin` will put it.
+    assert _replay_paths(polygraphy_command("g.onnx"))["--plugins"] == str(DEFAULT_BUILD_DIR / LIB_NAME)
+    assert DEFAULT_BUILD_DIR.is_absolute()
+
+
+def test_verify_prints_an_absolute_replay_without_a_plugin(monkeypatch, tmp_path, capsys):
+    """``--verify`` with a relative --out and no plugin built: every path of the printed replay is absolute."""
+    from types import SimpleNamespace
+
+    from eora_export import deploy
+
+    build_dir = tmp_path / "checkout" / "build" / "trt_plugins"
+    monkeypatch.setattr("eora_export.trt.plugin.DEFAULT_BUILD_DIR", build_dir)
+    monkeypatch.setattr("eora_export.trt.plugin.find_library", lambda: None)
+    monkeypatch.setattr(deploy, "verify_onnx", lambda *a, **k: SimpleNamespace(table=lambda: "table"))
+    monkeypatch.chdir(tmp_path)
+    cfg = SimpleNamespace(out=Path("demo.eora"), seq_len=32)
+    paths = deploy.onnx_paths(Path("demo.onnx"))
+    deploy.run_verify(SimpleNamespace(plugin_lib=None), cfg, SimpleNamespace(held=None), paths)
+    line = capsys.readouterr().out.splitlines()[-1].strip()
+    assert _replay_paths(line) == {"model": str(tmp_path / "demo.onnx"), "--plugins": str(build_dir / "libeora_plugin.so"),
+                                   "--load-inputs": str(tmp_path / "demo.eora" / "verify" / "inputs.json"),
+                                   "--load-outputs": str(tmp_path / "demo.eora" / "verify" / "baseline_outputs.json")}
 
 
 def _polygraphy_cli() -> str | None:
@@ -142,8 +186,10 @@ def test_compare_trt_runs_each_model_and_fails_on_a_failed_check(monkeypatch, tm
     monkeypatch.setattr(build, "missing_tensorrt_reason", lambda: None)
     monkeypatch.setattr(commands.shutil, "which", lambda name: "/usr/bin/polygraphy")
     models = {"svd": tmp_path / "svd.onnx", "eora": tmp_path / "eora.onnx"}
-    with pytest.raises(MissingInput, match="plugin library"):
+    with pytest.raises(MissingInput, match=re.escape(f"plugin library {tmp_path / 'missing.so'} not found")):
         commands._compare_trt(models, tmp_path / "missing.so", _replay, tmp_path)
+    with pytest.raises(MissingInput, match=r"plugin library /\S+/libeora_plugin\.so not found"):
+        commands._compare_trt(models, None, _replay, tmp_path)
     plugin = tmp_path / "libeora_plugin.so"
     plugin.write_bytes(b"\x7fELF")
     ran = []

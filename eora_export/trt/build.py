@@ -7,12 +7,14 @@ the exact command that finishes the build on a machine that has them.
 
 from __future__ import annotations
 
+import os
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..atomic import atomic_file
 from ..errors import MissingDependency
+from ..verify import plugin_path
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,10 @@ def missing_tensorrt_reason() -> str | None:
     return None
 
 
+def _absolute(path: Path) -> Path:
+    return Path(os.path.abspath(path))
+
+
 def trtexec_command(onnx_path: Path, plan_path: Path, plugin_lib: Path | None, profile: ShapeProfile,
                     timing_cache: Path | None = None) -> str:
     """The trtexec line that builds the same engine on a machine with TensorRT."""
@@ -70,10 +76,11 @@ def build_engine(onnx_path: Path, plan_path: Path, plugin_lib: Path | None, prof
     profile.validate()
     reason = missing_tensorrt_reason()
     if reason:
-        raise MissingDependency(
-            f"{reason}; the fused ONNX is at {onnx_path}. Finish on a GPU machine with TensorRT: "
-            f"{trtexec_command(onnx_path, plan_path, plugin_lib, profile, timing_cache)}"
-        )
+        # Absolute paths: the line is run elsewhere, and trtexec dlopens a bare plugin name from the library path.
+        command = trtexec_command(_absolute(onnx_path), _absolute(plan_path), plugin_path(plugin_lib), profile,
+                                  _absolute(timing_cache) if timing_cache else None)
+        raise MissingDependency(f"{reason}; the fused ONNX is at {_absolute(onnx_path)}. "
+                                f"Finish on a GPU machine with TensorRT: {command}")
     import tensorrt as trt
 
     logger = trt.Logger(trt.Logger.WARNING)

@@ -7,6 +7,7 @@ the ``onnxruntime_onnx`` platform as is (no custom op needed).
 
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,10 +24,11 @@ class TritonModel:
     output_name: str = "logits"
 
 
-def config_pbtxt(model: TritonModel, platform: str) -> str:
+def config_pbtxt(model: TritonModel, platform: str, notes: tuple[str, ...] = ()) -> str:
     """Text protobuf of Triton's ModelConfig. Batch is Triton's implicit first dim; the
-    sequence length is dynamic (-1)."""
-    return f"""name: "{model.name}"
+    sequence length is dynamic (-1). ``notes`` become ``#`` comment lines at the top."""
+    header = "".join(f"# {line}\n" for line in notes)
+    return header + f"""name: "{model.name}"
 platform: "{platform}"
 max_batch_size: {model.max_batch_size}
 input [
@@ -53,7 +55,8 @@ instance_group [
 """
 
 
-def write_model_dir(model_file: Path, model_dir: Path, model: TritonModel, external_data: list[Path] = ()) -> Path:
+def write_model_dir(model_file: Path, model_dir: Path, model: TritonModel, external_data: list[Path] = (),
+                    notes: tuple[str, ...] = ()) -> Path:
     """Fill one model folder: ``model_dir/config.pbtxt`` and ``model_dir/1/<model file>``."""
     platform, target = PLATFORMS[model_file.suffix]
     version = model_dir / "1"
@@ -61,7 +64,7 @@ def write_model_dir(model_file: Path, model_dir: Path, model: TritonModel, exter
     shutil.copy2(model_file, version / target)
     for extra in external_data:
         shutil.copy2(extra, version / extra.name)
-    (model_dir / "config.pbtxt").write_text(config_pbtxt(model, platform))
+    (model_dir / "config.pbtxt").write_text(config_pbtxt(model, platform, notes))
     return model_dir
 
 
@@ -70,6 +73,14 @@ def write_repository(model_file: Path, repo_dir: Path, model: TritonModel, exter
     return write_model_dir(model_file, repo_dir / model.name, model, external_data)
 
 
+def plan_notes(tensorrt_version: str) -> tuple[str, ...]:
+    """config.pbtxt comments of a tensorrt_plan model: a plan runs only under the TensorRT that built it."""
+    return (f"model.plan was built with TensorRT {tensorrt_version}: serve it with a Triton image of that same TensorRT version",
+            "(a plan does not load under another TensorRT); rebuild it with eora-export on the serving image otherwise.")
+
+
 def serve_command(repo_dir: Path, plugin_lib: Path | None) -> str:
-    plugins = f" --backend-config=tensorrt,plugins={plugin_lib}" if plugin_lib else ""
-    return f"tritonserver --model-repository {repo_dir}{plugins}"
+    """The tritonserver line, with absolute paths: Triton's TensorRT backend dlopens each ``plugins=``
+    entry (``;``-separated) as given, so a bare name would be looked up on the library path only."""
+    plugins = f" --backend-config=tensorrt,plugins={os.path.abspath(plugin_lib)}" if plugin_lib else ""
+    return f"tritonserver --model-repository {os.path.abspath(repo_dir)}{plugins}"
