@@ -425,6 +425,19 @@ def test_plugin_inputs_have_the_spec_layout(wbits, lbits, rank):
         assert torch.equal(tensors["w_scale"], wq.scale.T)
     if rank and lbits == 8:
         assert torch.equal(tensors["b"], b.q.T)
+    # Byte for byte what the fused ONNX node holds (plugin_inputs is built with torch alone, without onnx).
+    import numpy as np
+
+    from eora_export.onnx.initializers import pack_int4_np
+    from eora_export.onnx.pattern import LinearWeights
+
+    lw = LinearWeights.from_module(layer)
+    assert lw.attrs == attrs
+    for role, t in tensors.items():
+        bits = {"w": attrs["weight_bits"], "a": attrs["lowrank_bits"], "b": attrs["lowrank_bits"]}.get(role, 16)
+        arr = getattr(lw, role)
+        arr = pack_int4_np(arr).view(np.int8) if bits <= 4 else arr.astype(np.int8 if bits == 8 else np.float16)
+        assert np.array_equal(t.numpy().view(np.uint8), np.ascontiguousarray(arr).view(np.uint8)), role
 
 
 def test_bench_kernels_fails_in_one_line_without_gpu():

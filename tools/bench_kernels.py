@@ -9,11 +9,16 @@ Columns, for each (K x N) shape and batch M:
   sparse24      our kernel, 2:4-sparse INT4 weight (compacted) + the same fused factors
 
 Each column reports microseconds per call, achieved GB/s (bytes the call must read: weights,
-scales, factors, activations, output) and the share of the HBM peak (--peak-gbps). Weights are
+scales, factors, activations, output) and the share of the HBM peak (--peak-gbps, by default read
+from the device name: H200 4.8 TB/s, H100 SXM 3.35 TB/s; an unknown device needs the flag). Weights are
 rotated over enough copies (at least 8) that the working set exceeds the 50 MB L2 several times,
 so small matrices are not flattered by cache hits; timing uses CUDA events after a warm-up, around
 a CUDA graph of the calls (so Python's launch overhead does not hide the kernels; --no-graph to
 time eager launches).
+
+The issue-14 targets (TARGETS below) are checked here, on the measured rows, and written into the
+JSON ("targets": name, measured, goal, pass) and printed; --check makes a missed target exit 4, and
+--strict-graph makes a CUDA-graph capture that fell back to eager launches exit 3.
 
     python tools/bench_kernels.py                      # table + bench_kernels.{json,png} in --out
     python tools/bench_kernels.py --ms 1 16 256 --shapes 4096x4096
@@ -43,13 +48,88 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rank", type=int, default=128)
     p.add_argument("--group", type=int, default=128, help="weight group size along K")
     p.add_argument("--lowrank-group", type=int, default=64, help="factor group size")
-    p.add_argument("--peak-gbps", type=float, default=3350.0, help="HBM peak for the %%-of-peak column")
+    p.add_argument("--peak-gbps", type=float, default=None,
+                   help="HBM peak in GB/s for the %%-of-peak column and target (default: from the device name)")
     p.add_argument("--min-copies", type=int, default=8, help="weight copies rotated (more if L2 needs it)")
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--iters", type=int, default=200)
     p.add_argument("--no-graph", action="store_true", help="time eager launches instead of a CUDA graph")
+    p.add_argument("--strict-graph", action="store_true", help="exit 3 if any CUDA-graph capture fell back to eager")
+    p.add_argument("--check", action="store_true", help="exit 4 if any target is missed")
     p.add_argument("--out", type=Path, default=Path("bench-out"), help="folder for the JSON and PNG")
     return p.parse_args(argv)
+
+
+# HBM peak by device name (GB/s, vendor figures). Order matters: the first substring that matches wins.
+HBM_PEAK_GBPS = (("H200", 4800.0), ("H100 NVL", 3900.0), ("H100 PCIE", 2000.0), ("H100", 3350.0),
+                 ("GH200", 4000.0), ("A100-SXM4-80GB", 2039.0), ("A100 80GB PCIE", 1935.0), ("A100", 1555.0))
+
+
+def hbm_peak_gbps(device_name: str) -> float | None:
+    """The HBM peak of a device from its name (torch.cuda.get_device_name), or None if unknown."""
+    name = device_name.upper()
+    if "GH200" in name:
+        return 4000.0
+    for key, gbps in HBM_PEAK_GBPS:
+        if key in name:
+            return gbps
+    return None
+
+
+# The issue-14 targets, checked on the rows of one run: (name, goal text, function(rows, peak) -> (measured, pass)).
+def _per_shape(rows: list[dict[str, Any]]) -> dict[tuple[int, int], list[dict[str, Any]]]:
+    out: dict[tuple[int, int], list[dict[str, Any]]] = {}
+    for r in rows:
+        out.setdefault((r["K"], r["N"]), []).append(r)
+    return out
+
+
+def check_targets(rows: list[dict[str, Any]], peak_gbps: float) -> list[dict[str, Any]]:
+    """Every target on every shape: {"name", "shape", "measured", "goal", "pass", "worst_M"}."""
+    results: list[dict[str, Any]] = []
+
+    def add(name: str, shape: tuple[int, int], measured: float, goal: str, ok: bool, worst_m: int | None) -> None:
+        results.append({"name": name, "shape": f"{shape[0]}x{shape[1]}", "measured": round(measured, 4), "goal": goal,
+                        "pass": bool(ok), "worst_M": worst_m})
+
+    for shape, sel in sorted(_per_shape(rows).items()):
+        upto256 = [r for r in sel if 1 <= r["M"] <= 256]
+        if upto256:
+            worst = max(upto256, key=lambda r: r["fused"]["us"] / r["int4"]["us"])
+            ratio = worst["fused"]["us"] / worst["int4"]["us"]
+            add("fused rank-r / INT4 alone, worst M in 1..256", shape, ratio, "<= 1.10", ratio <= 1.10, worst["M"])
+            worst = max(upto256, key=lambda r: r["fused"]["us"] / r["unfused"]["us"])
+            ratio = worst["fused"]["us"] / worst["unfused"]["us"]
+            add("fused / unfused chain, worst M in 1..256", shape, ratio, "< 1.00", ratio < 1.0, worst["M"])
+        one = [r for r in sel if r["M"] == 1]
+        if one:
+            r = one[0]
+            speedup = r["cublas_fp16"]["us"] / r["fused"]["us"]
+            add("M=1 speed-up of fused over cuBLAS FP16", shape, speedup, ">= 3.0", speedup >= 3.0, 1)
+            pct = 100.0 * r["fused"]["gbps"] / peak_gbps
+            add("M=1 fused share of HBM peak (%)", shape, pct, ">= 70", pct >= 70.0, 1)
+            ratio = r["sparse24"]["us"] / r["fused"]["us"]
+            add("M=1 2:4+INT4 / INT4 (both fused rank-r)", shape, ratio, "< 1.00", ratio < 1.0, 1)
+        mid = [r for r in sel if 9 <= r["M"] <= 64]
+        if mid:
+            worst = max(mid, key=lambda r: r["fused"]["us"] / r["cublas_fp16"]["us"])
+            ratio = worst["fused"]["us"] / worst["cublas_fp16"]["us"]
+            add("fused / cuBLAS FP16, worst M in 9..64", shape, ratio, "<= 1.00", ratio <= 1.0, worst["M"])
+    return results
+
+
+def graph_fallbacks(rows: list[dict[str, Any]]) -> list[str]:
+    """Cells whose CUDA-graph capture fell back to eager launches ("KxN M=m method")."""
+    return [f"{r['K']}x{r['N']} M={r['M']} {m}" for r in rows for m in METHODS
+            if isinstance(r.get(m), dict) and not r[m].get("cuda_graph", True)]
+
+
+def print_targets(targets: list[dict[str, Any]]) -> None:
+    print(f"{'target':<48} {'shape':>11} {'measured':>10} {'goal':>8}  result")
+    for t in targets:
+        worst = f" (M={t['worst_M']})" if t["worst_M"] is not None else ""
+        print(f"{t['name']:<48} {t['shape']:>11} {t['measured']:>10.3f} {t['goal']:>8}  "
+              f"{'pass' if t['pass'] else 'MISS'}{worst}")
 
 
 def copies_for(bytes_per_copy: int, minimum: int) -> int:
@@ -230,6 +310,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     from eora_export.trt import plugin as tp
 
+    device = torch.cuda.get_device_name()
+    if args.peak_gbps is None:
+        args.peak_gbps = hbm_peak_gbps(device)
+        if args.peak_gbps is None:
+            print(f"bench_kernels: unknown HBM peak for '{device}'; pass --peak-gbps", file=sys.stderr)
+            return 2
     if tp.find_library() is None:
         print("bench_kernels: building the plugin library (first run)...", file=sys.stderr)
         tp.build_plugin()
@@ -245,11 +331,22 @@ def main(argv: list[str] | None = None) -> int:
         del case
         torch.cuda.empty_cache()
     args.out.mkdir(parents=True, exist_ok=True)
-    meta = {"device": torch.cuda.get_device_name(), "peak_gbps": args.peak_gbps, "rank": args.rank,
-            "group": args.group, "lowrank_group": args.lowrank_group, "iters": args.iters, "warmup": args.warmup}
-    (args.out / "bench_kernels.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    targets = check_targets(rows, args.peak_gbps)
+    fallbacks = graph_fallbacks(rows)
+    meta = {"device": device, "peak_gbps": args.peak_gbps, "rank": args.rank, "group": args.group,
+            "lowrank_group": args.lowrank_group, "iters": args.iters, "warmup": args.warmup,
+            "cuda_graph": not args.no_graph, "graph_fallbacks": fallbacks}
+    (args.out / "bench_kernels.json").write_text(json.dumps({"meta": meta, "rows": rows, "targets": targets}, indent=1))
     plot(rows, args.out / "bench_kernels.png", args.peak_gbps)
+    print()
+    print_targets(targets)
     print(f"wrote {args.out / 'bench_kernels.json'} and {args.out / 'bench_kernels.png'}")
+    if fallbacks and args.strict_graph:
+        print(f"bench_kernels: CUDA-graph capture fell back to eager launches for {len(fallbacks)} cells "
+              f"(first: {fallbacks[0]}); the timings include Python launch overhead", file=sys.stderr)
+        return 3
+    if args.check and not all(t["pass"] for t in targets):
+        return 4
     return 0
 
 

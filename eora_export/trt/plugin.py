@@ -39,8 +39,6 @@ PACKAGE_LIB = Path(__file__).resolve().parent / "lib" / LIB_NAME
 PARAMS_VERSION = 1  # EORA_PARAMS_VERSION in eoraLinearKernel.h
 PATHS = {0: "auto", 1: "gemv", 2: "tensor_core", 3: "simple"}
 
-_INPUT_ROLES = ("w", "w_scale", "a", "a_scale", "b", "b_scale", "bias")
-
 
 class PluginError(RuntimeError):
     """The plugin library is missing, cannot be built or loaded, or a call into it failed."""
@@ -200,7 +198,10 @@ def load_plugin(path: str | Path | None = None) -> ctypes.CDLL:
             lib = ctypes.CDLL(key)
         except OSError as e:
             raise PluginError(f"cannot load {key}: {e}") from e
-        _declare(lib)
+        try:
+            _declare(lib)
+        except AttributeError as e:
+            raise PluginError(f"{key} lacks an entry point this module needs ({e}): rebuild the library") from e
         size = lib.eoraLinearParamsSize()
         if size != ctypes.sizeof(EoraLinearParams):
             raise PluginError(
@@ -258,32 +259,47 @@ def plugin_inputs(layer: Any, device: Any = "cuda") -> tuple[dict[str, Any], dic
     Returns ``(tensors, attrs)``: tensors by spec role (``w``, ``w_scale``, ``a``, ...; absent roles
     left out) as torch tensors on ``device`` — INT4 codes packed two per byte along N in an int8
     container, INT8 codes as int8, the rest float16 — and the validated spec attributes. The
-    layout is the fused ONNX node's (eora_export.onnx.pattern.LinearWeights), so the kernel sees
-    what TensorRT would hand the plugin.
+    layout is the fused ONNX node's (``eora_export.onnx.pattern.LinearWeights``; the CPU tests compare
+    the two), built here with torch alone so a GPU machine without ``onnx`` can run the kernel tests.
     """
-    import numpy as np
     import torch
 
-    from ..onnx.initializers import pack_int4_np
-    from ..onnx.pattern import LinearWeights
+    from ..onnx import spec
+    from ..quant import pack_int4
 
-    lw = LinearWeights.from_module(layer)
-    attrs = dict(lw.attrs)
-    bits = {"w": attrs["weight_bits"], "a": attrs["lowrank_bits"], "b": attrs["lowrank_bits"]}
+    wq, aq, bq = layer.weight_q, layer.a_q, layer.b_q
+    if wq.bits not in (3, 4, 16):
+        raise ValueError(f"weight_bits={wq.bits} has no plugin layout; EoraLinear takes 3, 4 or 16")
+    lowrank_bits, lg = 16, 0
+    if layer.rank:
+        if aq.bits != bq.bits or aq.group_size != bq.group_size:
+            raise ValueError(f"factors a ({aq.bits} bit, group {aq.group_size}) and b ({bq.bits} bit, group "
+                             f"{bq.group_size}) differ; quantize both with the same bits and group size")
+        lowrank_bits = 4 if aq.bits == 3 else aq.bits  # 3-bit codes live in the INT4 container
+        lg = 0 if lowrank_bits == 16 else aq.group_size
+    attrs = spec.validate_attrs({
+        "in_features": layer.in_features, "out_features": layer.out_features, "rank": layer.rank,
+        "weight_bits": wq.bits, "group_size": 0 if wq.bits == 16 else wq.group_size,
+        "lowrank_bits": lowrank_bits, "lowrank_group_size": lg,
+        "sparse24": int(bool(layer.sparse24)), "has_bias": int(layer.bias is not None),
+    })
+
+    def codes(m: Any) -> tuple[Any, Any]:
+        """[K, N] layout (the torch [rows, cols] transposed): packed / int8 / fp16 codes, fp16 scales."""
+        if m.bits == 16:
+            return m.q.detach().T.to(torch.float16), None
+        q = m.q.detach().T.to(torch.int8)
+        q = pack_int4(q).view(torch.int8) if m.bits <= 4 else q
+        return q, m.scale.detach().T.to(torch.float16)
+
     tensors: dict[str, Any] = {}
-    for role in _INPUT_ROLES:
-        arr = getattr(lw, role)
-        if arr is None:
-            continue
-        b = bits.get(role, 16)
-        if b <= 4:
-            arr = pack_int4_np(arr).view(np.int8)
-        elif b == 8:
-            arr = arr.astype(np.int8)
-        else:
-            arr = arr.astype(np.float16)
-        tensors[role] = torch.from_numpy(np.ascontiguousarray(arr)).to(device)
-    return tensors, attrs
+    tensors["w"], tensors["w_scale"] = codes(wq)
+    if layer.rank:
+        tensors["a"], tensors["a_scale"] = codes(aq)
+        tensors["b"], tensors["b_scale"] = codes(bq)
+    if layer.bias is not None:
+        tensors["bias"] = layer.bias.detach().to(torch.float16)
+    return {r: t.contiguous().to(device) for r, t in tensors.items() if t is not None}, attrs
 
 
 # --------------------------------------------------------------------------- calling the kernel
