@@ -29,6 +29,7 @@ import io
 import json
 import logging
 import os
+import shlex
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -378,7 +379,7 @@ def trtllm_readme(out: Path, *, quant: str, bits: int, group_size: int, sparsity
         lines += ["", "2:4 sparsity: the pruned zeros are kept inside the weights. TensorRT-LLM has no sparse INT4 GEMM, so "
                       "INT4 layers run dense (same accuracy, no sparsity speed-up); an FP16 2:4 base (--quant none) can use "
                       "TensorRT's sparse tactics with `trtllm-build --weight_sparsity`."]
-    lines += ["", "Set `OUT` to this folder on the machine with TensorRT-LLM:", "", "```bash", f"export OUT={out}", "```"]
+    lines += ["", "Set `OUT` to this folder on the machine with TensorRT-LLM:", "", "```bash", f"export OUT={shlex.quote(str(out))}", "```"]
     lora_cfg = f',\n          lora_config=LoraConfig(lora_dir=[f"{{OUT}}/lora"], max_lora_rank={rank}, max_loras=1, max_cpu_loras=1)' \
         if rank else ""
     request = ", lora_request=[eora]" if rank else ""
