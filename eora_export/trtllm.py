@@ -12,8 +12,13 @@
 ModelOpt is the format authority: we quantize a float16 copy of the model with its INT4 block
 (weight-only) config, then pin each weight quantizer's per-block amax to ``7 * our fp16 scale``
 so its exported scale (amax / 7, computed in float32) *is* our scale, and load W_c as the weight
-so its codes (round(W_c / scale)) *are* our codes. The result is checked after export: the
-packed weights decode back to W_c bit for bit, or the export fails.
+so its codes (round(W_c / scale)) *are* our codes. Both checkpoints are checked after export: their
+packed weights decode back to W_c bit for bit, or the export fails with one line (and fused layers
+with differing AWQ scales, which ModelOpt would re-quantize, are refused before it runs).
+
+TensorRT-LLM reads these folders with its own, older transformers: the tokenizer files and the
+RoPE settings are written so that 4.45 … 5.x read them alike (hf_compat), and
+``trtllm_checkpoint/config.json`` gets ``rotary_base`` / ``rotary_scaling`` from the source config.
 
 TensorRT-LLM's W4A16 (AWQ) linear loader reads a ``pre_quant_scale`` for layers whose input
 is not shared (o_proj, down_proj); we give every quantized layer an all-ones pre-quant scale,
