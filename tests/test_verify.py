@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import shutil
@@ -119,6 +120,28 @@ def test_polygraphy_command_names_the_plugin_by_absolute_path(monkeypatch, tmp_p
     # No plugin built yet: where `eora-export build-plugin` will put it.
     assert _replay_paths(polygraphy_command("g.onnx"))["--plugins"] == str(DEFAULT_BUILD_DIR / LIB_NAME)
     assert DEFAULT_BUILD_DIR.is_absolute()
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler for a stand-in shared library")
+def test_printed_plugin_path_loads_the_way_polygraphy_loads_it(monkeypatch, tmp_path):
+    """Polygraphy's LoadPlugins runs ``ctypes.CDLL(path)`` (polygraphy/backend/trt/loader.py): from another
+    folder the printed path loads, while the bare name the replay used to print does not."""
+    src = tmp_path / "stub.c"
+    src.write_text("int eora_stub(void) { return 7; }\n")
+    lib = tmp_path / "out" / "libeora_plugin.so"
+    lib.parent.mkdir()
+    subprocess.run(["cc", "-shared", "-fPIC", "-o", str(lib), str(src)], check=True)
+    monkeypatch.chdir(lib.parent)  # where the user ran eora-export, the library beside the graph
+    printed = _replay_paths(polygraphy_command("g.onnx", "libeora_plugin.so"))["--plugins"]
+    elsewhere = tmp_path / "gpu-machine-cwd"
+    elsewhere.mkdir()
+    load = "import ctypes, sys; print(ctypes.CDLL(sys.argv[1]).eora_stub())"
+    env = {k: v for k, v in os.environ.items() if k != "LD_LIBRARY_PATH"}
+    ok = subprocess.run([sys.executable, "-c", load, printed], cwd=elsewhere, env=env, capture_output=True, text=True)
+    assert ok.returncode == 0 and ok.stdout.strip() == "7", ok.stderr
+    bare = subprocess.run([sys.executable, "-c", load, "libeora_plugin.so"], cwd=lib.parent, env=env, capture_output=True,
+                          text=True)
+    assert bare.returncode != 0 and "libeora_plugin.so" in bare.stderr, "dlopen does not search the current folder"
 
 
 def test_verify_prints_an_absolute_replay_without_a_plugin(monkeypatch, tmp_path, capsys):
