@@ -214,6 +214,22 @@ def test_validate_attrs_agrees_with_spec_validate(common_test_bin, tmp_path):
     run_common(common_test_bin, tmp_path, "\n".join(lines) + "\n")
 
 
+@pytest.mark.parametrize("bits,k,n,group", [(4, 64, 64, 64), (3, 128, 128, 32), (4, 192, 192, 16)])
+def test_packed_layout_matches_quant(common_test_bin, tmp_path, bits, k, n, group):
+    """The skinny path's packed INT4 layout: from pack_int4's bytes, every code decodes back and dequantizes to
+    quant.dequantize's fp16 value bit for bit, through the kernel's own decoding arithmetic (host compiled)."""
+    g = torch.Generator().manual_seed(k + n + bits)
+    w = torch.randn(n, k, generator=g) * torch.logspace(-5, 1, n).unsqueeze(1)
+    qm = quantize(w, bits, group)
+    codes = qm.q.T.contiguous()
+    scales = qm.scale.T.contiguous()
+    expect = dequantize(qm.q, qm.scale, group).T.contiguous()
+    text = (f"packed {k} {n} {group}\n{ints(codes)}\n{ints(pack_int4(codes))}\n{half_bits(scales)}\n"
+            f"{half_bits(expect)}\n")
+    out = run_common(common_test_bin, tmp_path, text)
+    assert int(re.search(r"common: (\d+) passed", out).group(1)) >= 4
+
+
 def _llama_attrs(k: int, n: int, r: int, **over) -> dict:
     return {"in_features": k, "out_features": n, "rank": r, "weight_bits": 4, "group_size": 128,
             "lowrank_bits": 4 if r else 16, "lowrank_group_size": 64 if r else 0, "sparse24": 0, "has_bias": 0, **over}
@@ -244,7 +260,8 @@ def test_launch_plan_invariants(common_test_bin, tmp_path):
     lines = []
     for k, n, r in shapes:
         a = {"in_features": k, "out_features": n, "rank": r, "weight_bits": 4, "group_size": 2 if k == 66 else 64,
-             "lowrank_bits": 4 if r else 16, "lowrank_group_size": 8 if r else 0, "sparse24": 0, "has_bias": 1}
+             "lowrank_bits": 4 if r else 16, "lowrank_group_size": (16 if r % 16 == 0 else 8) if r else 0,
+             "sparse24": 0, "has_bias": 1}
         lines += [f"{attr_line(a)} {m}" for m in ms]
     run_common(common_test_bin, tmp_path, f"plan {len(lines)}\n" + "\n".join(lines) + "\n")
 
@@ -311,7 +328,8 @@ def test_plugin_harness(plugin_build):
                  "2:4 weight compacted once, on the enqueue stream, and used",
                  "onShapeChange (new tensor addresses or profile) recompacts at the same address",
                  "a refit and a new weight address both recompact",
-                 "a compaction captured into a graph is not trusted by later eager launches"):
+                 "a compaction captured into a graph is not trusted by later eager launches",
+                 "packed copies built once, on the enqueue stream, for the M <= 16 path"):
         assert f"ok {what}" in out, what
 
 
@@ -321,8 +339,12 @@ def test_ctypes_entry_points_without_gpu(plugin_build):
     assert lib.eoraLinearParamsSize() == ctypes.sizeof(tp.EoraLinearParams)
     attrs = {"in_features": 4096, "out_features": 4096, "rank": 128, "weight_bits": 4, "group_size": 128,
              "lowrank_bits": 4, "lowrank_group_size": 64, "sparse24": 0, "has_bias": 0}
-    assert [tp.select_path(attrs, m) for m in (1, 8, 9, 256)] == ["gemv", "gemv", "tensor_core", "tensor_core"]
-    assert tp.select_path(attrs, 16, gemv_max_m=16) == "gemv"
+    assert [tp.select_path(attrs, m) for m in (1, 8, 16, 17, 256)] == ["skinny"] * 3 + ["tensor_core"] * 2
+    assert [tp.select_path(attrs, m, packed=False) for m in (1, 16, 17)] == ["gemv", "gemv", "tensor_core"]
+    assert tp.select_path(attrs, 12, gemv_max_m=8) == "tensor_core"
+    assert tp.select_path({**attrs, "lowrank_group_size": 32}, 4) == "gemv"  # no packed layout: group % 64
+    assert tp.packed_bytes(attrs) >= (4096 * 4096 + 2 * 4096 * 128) // 2
+    assert tp.packed_bytes({**attrs, "out_features": 4064}) == 0
     assert tp.select_path(attrs, 4, algo=3) == "simple"
     assert tp.select_path({**attrs, "out_features": 4098}, 1) == "simple"  # not a multiple of 8
     p = tp._params(lib, attrs, 64, 0, 0)

@@ -182,6 +182,9 @@ class Case:
                  "b": int4(r, n), "b_scale": scales(r // lg, n)}
             t["a16"] = torch.randn(k, r, device=dev).half() * 0.02  # dequantized factors for the unfused path
             t["b16"] = torch.randn(r, n, device=dev).half() * 0.02
+            # Packed copies for the M <= 16 path, built once per weight as the plugin does ("none": no such layout).
+            t["packed0"] = tp.prepare_packed(t, self.attrs0) if tp.packed_bytes(self.attrs0) else "none"
+            t["packed"] = tp.prepare_packed(t, self.attrs) if tp.packed_bytes(self.attrs) else "none"
             self.q.append(t)
         self.sp = []
         for _ in range(copies_for(self.bytes["sparse24"], args.min_copies)):
@@ -235,19 +238,19 @@ def bench_shape(torch: Any, tp: Any, case: Case, m: int, args: argparse.Namespac
         torch.matmul(x, case.w16[i], out=y)
 
     def int4(i: int) -> None:
-        tp.eora_linear_cuda(x, case.q[i], case.attrs0, out=y)
+        tp.eora_linear_cuda(x, case.q[i], case.attrs0, packed=case.q[i]["packed0"], out=y)
 
     def unfused(i: int) -> None:
         t = case.q[i]
-        tp.eora_linear_cuda(x, t, case.attrs0, out=y)
+        tp.eora_linear_cuda(x, t, case.attrs0, packed=t["packed0"], out=y)
         y.add_(torch.matmul(torch.matmul(x, t["a16"]), t["b16"]))
 
     def fused(i: int) -> None:
-        tp.eora_linear_cuda(x, case.q[i], case.attrs, out=y)
+        tp.eora_linear_cuda(x, case.q[i], case.attrs, packed=case.q[i]["packed"], out=y)
 
     def sparse(i: int) -> None:
         t = case.sp[i]
-        tp.eora_linear_cuda(x, t, case.attrs24, sparse=t["sparse"], out=y)
+        tp.eora_linear_cuda(x, t, case.attrs24, sparse=t["sparse"], packed="none", out=y)
 
     fns = {"cublas_fp16": (cublas, len(case.w16)), "int4": (int4, len(case.q)), "unfused": (unfused, len(case.q)),
            "fused": (fused, len(case.q)), "sparse24": (sparse, len(case.sp))}
@@ -257,7 +260,7 @@ def bench_shape(torch: Any, tp: Any, case: Case, m: int, args: argparse.Namespac
         fn, copies = fns[name]
         us, graphed = time_calls(torch, fn, copies, args.warmup, args.iters, not args.no_graph)
         nbytes = case.bytes[name] + act
-        if name == "sparse24" and row["path"] != "gemv":
+        if name == "sparse24" and tp.select_path(case.attrs24, m, packed=False) != "gemv":
             nbytes = case.bytes["fused"] + act  # past the GEMV the dense tensor-core path reads dense w
         gbps = nbytes / (us * 1e-6) / 1e9
         row[name] = {"us": us, "bytes": nbytes, "gbps": gbps, "pct_peak": 100.0 * gbps / args.peak_gbps,

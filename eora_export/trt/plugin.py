@@ -36,8 +36,8 @@ SOURCE_DIR = REPO_ROOT / "trt_plugins"
 DEFAULT_BUILD_DIR = REPO_ROOT / "build" / "trt_plugins"
 PACKAGE_LIB = Path(__file__).resolve().parent / "lib" / LIB_NAME
 
-PARAMS_VERSION = 1  # EORA_PARAMS_VERSION in eoraLinearKernel.h
-PATHS = {0: "auto", 1: "gemv", 2: "tensor_core", 3: "simple"}
+PARAMS_VERSION = 2  # EORA_PARAMS_VERSION in eoraLinearKernel.h
+PATHS = {0: "auto", 1: "gemv", 2: "tensor_core", 3: "simple", 4: "skinny"}
 
 
 class PluginError(RuntimeError):
@@ -72,6 +72,7 @@ class EoraLinearParams(ctypes.Structure):
         ("bScale", ctypes.c_void_p),
         ("bias", ctypes.c_void_p),
         ("sparse", ctypes.c_void_p),
+        ("packed", ctypes.c_void_p),
         ("y", ctypes.c_void_p),
         ("workspace", ctypes.c_void_p),
         ("workspaceBytes", ctypes.c_size_t),
@@ -235,6 +236,10 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.eoraSparse24Compact.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_void_p,
                                         ctypes.c_void_p]
     lib.eoraSparse24Compact.restype = ctypes.c_int32
+    lib.eoraLinearPackedBytes.argtypes = [p]
+    lib.eoraLinearPackedBytes.restype = ctypes.c_size_t
+    lib.eoraLinearPack.argtypes = [p, ctypes.c_void_p, ctypes.c_void_p]
+    lib.eoraLinearPack.restype = ctypes.c_int32
     lib.eoraLastError.argtypes = []
     lib.eoraLastError.restype = ctypes.c_char_p
     lib.eoraRegisterPlugins.argtypes = []
@@ -351,10 +356,14 @@ def _semaphore_buffer(lib: ctypes.CDLL, device: Any) -> Any:
         return sem
 
 
-def select_path(attrs: Mapping[str, Any], m: int, algo: int = 0, gemv_max_m: int = 0) -> str:
-    """Which kernel path a call with M rows takes: "gemv", "tensor_core" or "simple"."""
+def select_path(attrs: Mapping[str, Any], m: int, algo: int = 0, gemv_max_m: int = 0, packed: bool = True) -> str:
+    """Which kernel path a call with M rows takes: "skinny", "gemv", "tensor_core" or "simple".
+
+    packed: whether the packed copies are supplied, as :func:`eora_linear_cuda` does where the shape allows.
+    """
     lib = load_plugin()
     p = _params(lib, attrs, m, algo, gemv_max_m)
+    p.packed = ctypes.c_void_p(256 if packed else None)  # planning only: never dereferenced
     path = lib.eoraLinearSelectPath(ctypes.byref(p))
     if path < 0:
         raise PluginError(last_error(lib))
@@ -382,12 +391,41 @@ def prepare_sparse24(w: Any, attrs: Mapping[str, Any]) -> Any:
     return out
 
 
+def packed_bytes(attrs: Mapping[str, Any]) -> int:
+    """Bytes of the packed copies the skinny path (M <= 16) reads; 0 where the shape has no packed layout."""
+    lib = load_plugin()
+    return int(lib.eoraLinearPackedBytes(ctypes.byref(_params(lib, attrs, 1, 0, 0))))
+
+
+def prepare_packed(tensors: Mapping[str, Any], attrs: Mapping[str, Any]) -> Any:
+    """The packed copies of w, a, b and their scales (uint8 CUDA tensor) for ``packed=``: build once per weight."""
+    import torch
+
+    lib = load_plugin()
+    p = _params(lib, attrs, 1, 0, 0)
+    nbytes = lib.eoraLinearPackedBytes(ctypes.byref(p))
+    if nbytes == 0:
+        raise PluginError("these attributes have no packed layout (INT4 weight; N, K and group multiples of 64; "
+                          "INT4 factors with rank and group multiples of 64)")
+    w = tensors["w"]
+    for role, field in (("w", "w"), ("w_scale", "wScale"), ("a", "a"), ("a_scale", "aScale"), ("b", "b"),
+                        ("b_scale", "bScale")):
+        t = tensors.get(role)
+        setattr(p, field, ctypes.c_void_p(t.contiguous().data_ptr() if t is not None else None))
+    out = torch.empty(nbytes, dtype=torch.uint8, device=w.device)
+    stream = torch.cuda.current_stream(w.device).cuda_stream
+    if lib.eoraLinearPack(ctypes.byref(p), ctypes.c_void_p(out.data_ptr()), ctypes.c_void_p(stream)) != 0:
+        raise PluginError(last_error(lib))
+    return out
+
+
 def eora_linear_cuda(
     x: Any,
     tensors: Mapping[str, Any],
     attrs: Mapping[str, Any],
     *,
     sparse: Any = None,
+    packed: Any = None,
     algo: int | str = 0,
     gemv_max_m: int = 0,
     out: Any = None,
@@ -396,8 +434,10 @@ def eora_linear_cuda(
 
     x: float16 CUDA tensor ``[..., in_features]``; tensors: by role as from :func:`plugin_inputs`;
     attrs: the spec attributes. sparse: the buffer from :func:`prepare_sparse24` (computed here when
-    sparse24=1 and not given). algo: 0/"auto", 1/"gemv", 2/"tensor_core", 3/"simple". Runs on the
-    current stream; returns float16 ``[..., out_features]``.
+    sparse24=1 and not given). packed: the buffer from :func:`prepare_packed` (computed here for
+    M <= 16 where the shape has a packed layout and none is given; pass "none" to withhold it).
+    algo: 0/"auto", 1/"gemv", 2/"tensor_core", 3/"simple", 4/"skinny". Runs on the current stream;
+    returns float16 ``[..., out_features]``.
     """
     import torch
 
@@ -433,6 +473,11 @@ def eora_linear_cuda(
     if p.sparse24 and p.weightBits < 16 and sparse is None and k % 4 == 0 and n % 8 == 0:
         sparse = prepare_sparse24(tensors["w"], attrs)
     p.sparse = ptr(sparse, "sparse")
+    if isinstance(packed, str) and packed == "none":
+        packed = None
+    elif packed is None and m <= 16 and lib.eoraLinearPackedBytes(ctypes.byref(p)) > 0:
+        packed = prepare_packed(tensors, attrs)
+    p.packed = ptr(packed, "packed")
     y = out if out is not None else torch.empty(*x.shape[:-1], n, dtype=torch.float16, device=x.device)
     if y.shape != (*x.shape[:-1], n) or y.dtype != torch.float16 or not y.is_contiguous():
         raise ValueError(f"out must be a contiguous float16 tensor of shape {(*x.shape[:-1], n)}")

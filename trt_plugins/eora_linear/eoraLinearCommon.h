@@ -506,7 +506,8 @@ enum Path : int32_t
     kPathAuto = 0,
     kPathGemv = 1,        //!< CUDA-core GEMV, M rows in chunks of MT <= 8, split-K
     kPathTensorCore = 2,  //!< WMMA fp16 tensor-core GEMM with INT4 dequant into shared memory
-    kPathSimple = 3       //!< one thread per output: any shape, any alignment; also the on-GPU cross-check
+    kPathSimple = 3,      //!< one thread per output: any shape, any alignment; also the on-GPU cross-check
+    kPathSkinny = 4       //!< M <= 16: mma.sync with the weight as the A operand, packed INT4 (eoraLinearPacked.h)
 };
 
 constexpr int32_t kGemvTileN = 128;     //!< columns per GEMV block: 16 lanes x 8 columns
@@ -517,7 +518,11 @@ constexpr int32_t kTargetCtas = 264;    //!< 2 x 132 SMs (H100 SXM); device inde
 constexpr int32_t kMaxSplits = 32;      //!< thin GEMMs (t = x.A: N = r) need many splits to fill the GPU
 constexpr int32_t kSemaphoreRegion = 512;               //!< counters per kernel (t kernel, main kernel)
 constexpr int32_t kSemaphoreCount = 2 * kSemaphoreRegion;
-constexpr int32_t kDefaultGemvMaxM = 8;
+constexpr int32_t kDefaultGemvMaxM = 16;
+constexpr int32_t kSkinnyMaxM = 16;          //!< two m16n8k16 B operands of 8 rows each
+constexpr int32_t kSkinnyTargetCtas = 528;   //!< 4 blocks of 128 threads per H100/H200 SM: bytes in flight
+constexpr int32_t kPackStripCols = 64;       //!< skinny: columns per block (4 MMA tiles of 16)
+constexpr int32_t kPackK = 16;               //!< skinny: k per MMA step
 constexpr int32_t kMaxGemvMaxM = 4096;  //!< largest crossover accepted from a serialized engine or the build env
 
 //! Grid and split-K shape of one kernel launch.
@@ -543,9 +548,51 @@ EORA_HD int32_t tcRowsPerBlock(int64_t M)
     return M <= 64 ? 32 : 128;
 }
 
+//! Skinny plan: one block per 64-column strip and split; each split takes an equal share of *each* segment's
+//! k16 steps (see skinnySplitRange), so the residual's rows, which wait for t = x.A, are spread over every
+//! block's tail instead of forming one trailing split that waits alone.
+EORA_HD KernelPlan planSkinny(int64_t M, int64_t N, int64_t rows0, int64_t rows1)
+{
+    KernelPlan p{};
+    p.mTile = kSkinnyMaxM;
+    p.mTiles = static_cast<int32_t>(ceilDiv(M, kSkinnyMaxM));
+    p.nTiles = static_cast<int32_t>(ceilDiv(N, kPackStripCols));
+    p.totalUnits = rows0 / kPackK + rows1 / kPackK;
+    int64_t const tiles = static_cast<int64_t>(p.mTiles) * p.nTiles;
+    int64_t splits = ceilDiv(kSkinnyTargetCtas, tiles);
+    splits = splits > kMaxSplits ? kMaxSplits : splits;
+    int64_t const maxByWork = p.totalUnits / 16; // >= 16 k16 steps per block: 4 per warp
+    splits = splits > maxByWork ? maxByWork : splits;
+    if (splits < 1 || tiles > kSemaphoreRegion)
+    {
+        splits = 1;
+    }
+    p.splits = static_cast<int32_t>(splits);
+    p.unitsPerSplit = ceilDiv(p.totalUnits, splits);
+    return p;
+}
+
+//! k16 steps [b0, e0) of segment 0 and [b1, e1) of segment 1 owned by split s of a skinny plan.
+EORA_HD void skinnySplitRange(KernelPlan const& p, int32_t s, int64_t units0, int64_t units1, int64_t& b0, int64_t& e0,
+    int64_t& b1, int64_t& e1)
+{
+    // Multiples of 16 steps, so each of the 4 warps gets whole batches of 4 and group boundaries (64 or 128
+    // rows) fall between batches.
+    int64_t const per0 = alignUp(ceilDiv(units0, p.splits), 16);
+    int64_t const per1 = alignUp(ceilDiv(units1, p.splits), 16);
+    b0 = s * per0 < units0 ? s * per0 : units0;
+    e0 = b0 + per0 < units0 ? b0 + per0 : units0;
+    b1 = s * per1 < units1 ? s * per1 : units1;
+    e1 = b1 + per1 < units1 ? b1 + per1 : units1;
+}
+
 //! Plan one kernel over an extended K of rows0 (+ rows1) rows and N columns.
 EORA_HD KernelPlan planKernel(int32_t path, int64_t M, int64_t N, int64_t rows0, int64_t rows1)
 {
+    if (path == kPathSkinny)
+    {
+        return planSkinny(M, N, rows0, rows1);
+    }
     KernelPlan p{};
     bool const gemv = path == kPathGemv;
     p.mTile = gemv ? gemvRowsPerBlock(M) : tcRowsPerBlock(M);
@@ -604,15 +651,33 @@ EORA_HD bool fastShapesOk(EoraAttrs const& a)
     return a.outFeatures % 8 == 0 && a.inFeatures % 8 == 0 && (a.rank == 0 || a.rank % 8 == 0);
 }
 
-//! algo: kPathAuto or a forced path; gemvMaxM: auto picks GEMV for M <= gemvMaxM; aligned: every pointer is
-//! 16-byte aligned (the fast paths' vector loads need it).
-EORA_HD ForwardPlan planForward(EoraAttrs const& a, int64_t M, int32_t algo, int32_t gemvMaxM, bool aligned)
+//! Shapes the skinny path takes: INT4 (or 3-bit) dense weight, N, K and the group size multiples of 64; with a
+//! residual, INT4 factors whose rank and group size are multiples of 64 (t = x.A runs on the same path, N = r).
+EORA_HD bool skinnyShapesOk(EoraAttrs const& a)
+{
+    // 64: a strip of columns, and the k-permutation block of the packed layout (eoraLinearPacked.h).
+    bool const w = a.weightBits <= 4 && a.outFeatures % 64 == 0 && a.inFeatures % 64 == 0 && a.groupSize % 64 == 0
+        && a.sparse24 == 0;
+    bool const r = a.rank == 0 || (a.lowrankBits == 4 && a.rank % 64 == 0 && a.lowrankGroupSize % 64 == 0);
+    return w && r;
+}
+
+//! algo: kPathAuto or a forced path; gemvMaxM: auto picks a small-M path for M <= gemvMaxM; aligned: every
+//! pointer is 16-byte aligned (the fast paths' vector loads need it); packed: the packed copies of the INT4
+//! matrices (eoraLinearPacked.h) are supplied, so M <= 16 can take the skinny path. Without them, or for shapes
+//! it cannot take, the skinny path (auto or forced) becomes the GEMV.
+EORA_HD ForwardPlan planForward(
+    EoraAttrs const& a, int64_t M, int32_t algo, int32_t gemvMaxM, bool aligned, bool packed = false)
 {
     ForwardPlan f{};
     int32_t path = algo;
     if (path == kPathAuto)
     {
-        path = M <= gemvMaxM ? kPathGemv : kPathTensorCore;
+        path = M <= gemvMaxM ? kPathSkinny : kPathTensorCore;
+    }
+    if (path == kPathSkinny && !(packed && M <= kSkinnyMaxM && skinnyShapesOk(a)))
+    {
+        path = kPathGemv;
     }
     if (!fastShapesOk(a) || !aligned)
     {
@@ -658,18 +723,27 @@ constexpr int64_t kSplitKMaxM = static_cast<int64_t>(kTargetCtas) * kMaxRowsPerB
 //! Largest workspace over every M in [1, maxM]. Exact: split-K makes the need non-monotonic in M, so every M
 //! up to kSplitKMaxM is planned (a few microseconds each, at build time only); above it the need is
 //! monotonic (t = x.A alone) and maxM itself decides. The CPU test compares this with a brute-force scan.
+//! Workspace for M rows whether or not the packed copies turn up at run time (the plugin builds them at the
+//! first enqueue; a call inside a graph capture before that runs without them).
+inline int64_t workspaceBytesAt(EoraAttrs const& a, int64_t M, int32_t algo, int32_t gemvMaxM)
+{
+    int64_t const plain = planForward(a, M, algo, gemvMaxM, true, false).workspaceBytes;
+    int64_t const packed = planForward(a, M, algo, gemvMaxM, true, true).workspaceBytes;
+    return plain > packed ? plain : packed;
+}
+
 inline int64_t workspaceBytesMax(EoraAttrs const& a, int64_t maxM, int32_t algo, int32_t gemvMaxM)
 {
     int64_t best = 0;
     int64_t const scanTo = maxM < kSplitKMaxM ? maxM : kSplitKMaxM;
     for (int64_t m = 1; m <= scanTo; ++m)
     {
-        int64_t const b = planForward(a, m, algo, gemvMaxM, true).workspaceBytes;
+        int64_t const b = workspaceBytesAt(a, m, algo, gemvMaxM);
         best = b > best ? b : best;
     }
     if (maxM > scanTo)
     {
-        int64_t const b = planForward(a, maxM, algo, gemvMaxM, true).workspaceBytes;
+        int64_t const b = workspaceBytesAt(a, maxM, algo, gemvMaxM);
         best = b > best ? b : best;
     }
     return best;

@@ -85,18 +85,20 @@ struct GemmArgs
 // Small device helpers
 // ---------------------------------------------------------------------------------------------
 
+// Bit casts between a 32-bit word and a half2 (low half = element 0). Through memcpy so they compile to nothing;
+// building __half2_raw from shifts and masks costs a shift and a PRMT per call in the inner loops.
 __device__ __forceinline__ __half2 bitsToHalf2(uint32_t u)
 {
-    __half2_raw r;
-    r.x = static_cast<unsigned short>(u & 0xFFFFu);
-    r.y = static_cast<unsigned short>(u >> 16);
-    return __half2(r);
+    __half2 h;
+    memcpy(&h, &u, sizeof(h));
+    return h;
 }
 
 __device__ __forceinline__ uint32_t half2ToBits(__half2 h)
 {
-    __half2_raw const r = h;
-    return static_cast<uint32_t>(r.x) | (static_cast<uint32_t>(r.y) << 16);
+    uint32_t u;
+    memcpy(&u, &h, sizeof(u));
+    return u;
 }
 
 __device__ __forceinline__ uint32_t u4Component(uint4 const& v, int i)
@@ -220,7 +222,8 @@ __device__ __forceinline__ void dequantOctetFloat(Octet const& o, float (&w)[8])
 //! all partials in split order (so the result does not depend on arrival order), adds bias, rounds to fp16,
 //! and re-arms the counter for the next launch. Pattern: threadfence before the counter increment publishes
 //! the partials; the last block fences again before reading them through L2 (__ldcg).
-__device__ void splitKFixup(GemmArgs const& a, int32_t tileId, int64_t mBeg, int64_t mEnd, int32_t nBeg, int32_t nEnd)
+template <typename Args>
+__device__ void splitKFixup(Args const& a, int32_t tileId, int64_t mBeg, int64_t mEnd, int32_t nBeg, int32_t nEnd)
 {
     __shared__ int32_t sIsLast;
     __threadfence();
@@ -883,6 +886,16 @@ __global__ void compact24Kernel(uint8_t const* w, int64_t K, int64_t N, uint8_t*
     }
 }
 
+} // namespace
+} // namespace eora
+
+#include "eoraLinearSkinny.cuh"
+
+namespace eora
+{
+namespace
+{
+
 // ---------------------------------------------------------------------------------------------
 // Kernel selection (every instantiation the dispatcher can reach, and no more)
 // ---------------------------------------------------------------------------------------------
@@ -1058,9 +1071,9 @@ int32_t checkHeader(EoraLinearParams const* p, EoraAttrs& attrs)
     {
         return fail(EORA_ERR_INVALID, "EoraLinear: M must be >= 0 (got %lld)", static_cast<long long>(p->M));
     }
-    if (p->algo < kPathAuto || p->algo > kPathSimple)
+    if (p->algo < kPathAuto || p->algo > kPathSkinny)
     {
-        return fail(EORA_ERR_INVALID, "EoraLinear: algo must be 0..3 (got %d)", p->algo);
+        return fail(EORA_ERR_INVALID, "EoraLinear: algo must be 0..4 (got %d)", p->algo);
     }
     return EORA_OK;
 }
@@ -1080,7 +1093,8 @@ bool aligned16(void const* ptr)
 
 bool pointersAligned(EoraLinearParams const& p)
 {
-    void const* ptrs[] = {p.x, p.w, p.wScale, p.a, p.aScale, p.b, p.bScale, p.bias, p.sparse, p.y, p.workspace};
+    void const* ptrs[] = {p.x, p.w, p.wScale, p.a, p.aScale, p.b, p.bScale, p.bias, p.sparse, p.packed, p.y,
+        p.workspace};
     for (void const* q : ptrs)
     {
         if (q != nullptr && !aligned16(q))
@@ -1093,7 +1107,7 @@ bool pointersAligned(EoraLinearParams const& p)
 
 ForwardPlan planOf(EoraLinearParams const& p, EoraAttrs const& attrs)
 {
-    ForwardPlan f = planForward(attrs, p.M, p.algo, gemvMaxMOf(p), pointersAligned(p));
+    ForwardPlan f = planForward(attrs, p.M, p.algo, gemvMaxMOf(p), pointersAligned(p), p.packed != nullptr);
     if (p.noSplitK)
     {
         for (KernelPlan* kp : {&f.tPlan, &f.mainPlan})
@@ -1118,6 +1132,41 @@ cudaError_t launch(KernelFn fn, dim3 grid, dim3 block, bool pdl, cudaStream_t st
     cfg.attrs = attr;
     cfg.numAttrs = pdl ? 1 : 0;
     return cudaLaunchKernelEx(&cfg, fn, args);
+}
+
+//! Launch the skinny kernel (M <= 16) over packed segments.
+int32_t launchSkinny(SkinnyArgs const& args, bool pdl, cudaStream_t stream)
+{
+    if (args.M == 0)
+    {
+        return EORA_OK;
+    }
+    dim3 const grid(static_cast<unsigned>(args.plan.nTiles), static_cast<unsigned>(args.plan.splits));
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = dim3(kSkThreads);
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = pdl ? 1 : 0;
+    cudaError_t const err = args.M <= 8 ? cudaLaunchKernelEx(&cfg, skinnyKernel<1>, args)
+                                        : cudaLaunchKernelEx(&cfg, skinnyKernel<2>, args);
+    if (err != cudaSuccess)
+    {
+        return fail(EORA_ERR_CUDA, "EoraLinear: skinny kernel launch failed: %s", cudaGetErrorString(err));
+    }
+    return EORA_OK;
+}
+
+//! The packed segment of one matrix (codes at cOff, scales at sOff of the packed buffer).
+PackedSeg packedSeg(void const* packed, int64_t cOff, int64_t sOff, __half const* act, int64_t rows, int64_t stride,
+    int32_t group)
+{
+    uint8_t const* base = static_cast<uint8_t const*>(packed);
+    return PackedSeg{reinterpret_cast<uint4 const*>(base + cOff), reinterpret_cast<uint4 const*>(base + sOff), act,
+        rows / kPackK, stride, group / kPackK};
 }
 
 //! Launch one GEMM over the segments in args on the planned path.
@@ -1288,6 +1337,45 @@ extern "C" EORA_API int32_t eoraLinearForward(EoraLinearParams const* p, cudaStr
 
     bool const pdl = attrs.rank > 0 && plan.path != kPathSimple && pdlEnabled();
 
+    if (plan.path == kPathSkinny)
+    {
+        PackedLayout const L = packedLayout(attrs);
+        __half const* x = static_cast<__half const*>(p->x);
+        if (attrs.rank > 0)
+        {
+            SkinnyArgs t{};
+            t.seg[0] = packedSeg(p->packed, L.aCodes, L.aScales, x, K, K, attrs.lowrankGroupSize);
+            t.nSeg = 1;
+            t.M = p->M;
+            t.N = attrs.rank;
+            t.out = tBuf;
+            t.ldo = attrs.rank;
+            t.partial = reinterpret_cast<float*>(ws + plan.tPartialOffset);
+            t.counters = p->semaphores;
+            t.plan = plan.tPlan;
+            t.triggerDependents = pdl ? 1 : 0;
+            rc = launchSkinny(t, false, stream);
+            if (rc != EORA_OK)
+            {
+                return rc;
+            }
+        }
+        SkinnyArgs g{};
+        g.seg[0] = packedSeg(p->packed, L.wCodes, L.wScales, x, K, K, attrs.groupSize);
+        g.seg[1] = packedSeg(p->packed, L.bCodes, L.bScales, tBuf, r, r, attrs.lowrankGroupSize);
+        g.nSeg = attrs.rank > 0 ? 2 : 1;
+        g.M = p->M;
+        g.N = attrs.outFeatures;
+        g.bias = attrs.hasBias ? static_cast<__half const*>(p->bias) : nullptr;
+        g.out = static_cast<__half*>(p->y);
+        g.ldo = attrs.outFeatures;
+        g.partial = reinterpret_cast<float*>(ws + plan.mainPartialOffset);
+        g.counters = p->semaphores != nullptr ? p->semaphores + kSemaphoreRegion : nullptr;
+        g.plan = plan.mainPlan;
+        g.waitBeforeSeg1 = pdl ? 1 : 0;
+        return launchSkinny(g, pdl, stream);
+    }
+
     if (attrs.rank > 0)
     {
         GemmArgs t{};
@@ -1367,6 +1455,65 @@ extern "C" EORA_API int32_t eoraSparse24Compact(void const* w, int32_t K, int32_
     if (err != cudaSuccess)
     {
         return fail(EORA_ERR_CUDA, "eoraSparse24Compact: %s", cudaGetErrorString(err));
+    }
+    return EORA_OK;
+}
+
+extern "C" EORA_API size_t eoraLinearPackedBytes(EoraLinearParams const* p)
+{
+    EoraAttrs attrs;
+    if (checkHeader(p, attrs) != EORA_OK || !skinnyShapesOk(attrs))
+    {
+        return 0;
+    }
+    return static_cast<size_t>(packedLayout(attrs).totalBytes);
+}
+
+extern "C" EORA_API int32_t eoraLinearPack(EoraLinearParams const* p, void* out, cudaStream_t stream)
+{
+    EoraAttrs attrs;
+    int32_t const rc = checkHeader(p, attrs);
+    if (rc != EORA_OK)
+    {
+        return rc;
+    }
+    if (!skinnyShapesOk(attrs))
+    {
+        return fail(EORA_ERR_INVALID, "eoraLinearPack: these attributes have no packed layout (INT4 weight, N %% 64, "
+                                      "K and group %% 16; INT4 factors with rank %% 64)");
+    }
+    if (out == nullptr || !aligned16(out) || p->w == nullptr || p->wScale == nullptr
+        || (attrs.rank > 0 && (p->a == nullptr || p->aScale == nullptr || p->b == nullptr || p->bScale == nullptr)))
+    {
+        return fail(EORA_ERR_INVALID, "eoraLinearPack: needs a 16-byte aligned out and every matrix and scale");
+    }
+    PackedLayout const L = packedLayout(attrs);
+    uint8_t* o = static_cast<uint8_t*>(out);
+    auto codes = [&](void const* src, int64_t rows, int64_t cols, int64_t off) {
+        int64_t const threads = (cols / kPackStripCols) * (rows / kPackK) * 32;
+        packCodesKernel<<<static_cast<unsigned>(ceilDiv(threads, 256)), 256, 0, stream>>>(
+            static_cast<uint8_t const*>(src), rows, cols, reinterpret_cast<uint4*>(o + off));
+    };
+    auto scales = [&](void const* src, int64_t groups, int64_t cols, int64_t off) {
+        packScalesKernel<<<static_cast<unsigned>(ceilDiv(groups * cols, 256)), 256, 0, stream>>>(
+            static_cast<__half const*>(src), groups, cols, reinterpret_cast<__half*>(o + off));
+    };
+    int64_t const K = attrs.inFeatures;
+    int64_t const N = attrs.outFeatures;
+    int64_t const r = attrs.rank;
+    codes(p->w, K, N, L.wCodes);
+    scales(p->wScale, K / attrs.groupSize, N, L.wScales);
+    if (r > 0)
+    {
+        codes(p->a, K, r, L.aCodes);
+        scales(p->aScale, K / attrs.lowrankGroupSize, r, L.aScales);
+        codes(p->b, r, N, L.bCodes);
+        scales(p->bScale, r / attrs.lowrankGroupSize, N, L.bScales);
+    }
+    cudaError_t const err = cudaGetLastError();
+    if (err != cudaSuccess)
+    {
+        return fail(EORA_ERR_CUDA, "eoraLinearPack: %s", cudaGetErrorString(err));
     }
     return EORA_OK;
 }

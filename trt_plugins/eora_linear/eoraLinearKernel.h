@@ -24,7 +24,7 @@ extern "C" {
 #endif
 
 /* Bumped whenever EoraLinearParams changes; ctypes mirrors check it with eoraLinearParamsSize(). */
-#define EORA_PARAMS_VERSION 1
+#define EORA_PARAMS_VERSION 2
 
 /* Error codes of the C entry points (0 is success). */
 #define EORA_OK 0
@@ -46,8 +46,9 @@ typedef struct EoraLinearParams
     int32_t lowrankGroupSize;
     int32_t sparse24;
     int32_t hasBias;
-    /* 0 auto, 1 GEMV, 2 tensor core, 3 simple (see eora::Path); shapes the fast paths cannot take always
-       run the simple kernel. */
+    /* 0 auto, 1 GEMV, 2 tensor core, 3 simple, 4 skinny (M <= 16 mma.sync on the packed copies; see eora::Path);
+       shapes the fast paths cannot take always run the simple kernel, and skinny without packed copies (or
+       for shapes it cannot take) runs the GEMV. */
     int32_t algo;
     /* Auto uses the GEMV for M <= gemvMaxM (0: the built-in default). A planning input: the plugin serializes
        it with the engine; the library reads no environment variable for it. */
@@ -65,6 +66,7 @@ typedef struct EoraLinearParams
     const void* bScale;  /* fp16 [r/lgroup, N] */
     const void* bias;    /* fp16 [N] */
     const void* sparse;  /* compacted 2:4 weight from eoraSparse24Compact, or NULL (dense w is used) */
+    const void* packed;  /* packed copies of w, a, b and their scales from eoraLinearPack, or NULL (no skinny path) */
     void* y;             /* fp16 [M, N] */
     void* workspace;     /* eoraLinearWorkspaceSize bytes, any content */
     size_t workspaceBytes;
@@ -100,6 +102,13 @@ EORA_API size_t eoraSparse24Bytes(int32_t K, int32_t N);
 /* Compact w (int8 [K, N/2] packed INT4) into out (eoraSparse24Bytes). If some group of 4 rows holds more than
    2 non-zeros, the buffer is flagged and forward falls back to the dense weight, so the result stays exact. */
 EORA_API int32_t eoraSparse24Compact(const void* w, int32_t K, int32_t N, void* out, cudaStream_t stream);
+
+/* Bytes of the packed copies (eoraLinearPacked.h) the skinny path reads, or 0 when the attributes in *p do not
+   allow that path (INT4 weight, N % 64 == 0, K and group % 16 == 0; INT4 factors, rank % 64 == 0). */
+EORA_API size_t eoraLinearPackedBytes(const EoraLinearParams* p);
+
+/* Build the packed copies of p->w, p->a, p->b and their scales into out (eoraLinearPackedBytes) on stream. */
+EORA_API int32_t eoraLinearPack(const EoraLinearParams* p, void* out, cudaStream_t stream);
 
 /* The last error message of this thread ("" if none). */
 EORA_API const char* eoraLastError(void);

@@ -67,7 +67,7 @@ int32_t cudaCapturing(cudaStream_t stream)
 }
 
 EoraDeviceOps const kCudaOps{cudaAllocate, cudaRelease, cudaZeroAsync, cudaCapturing, eoraSparse24Compact,
-    eoraLinearForward};
+    eoraLinearPack, eoraLinearForward};
 EoraDeviceOps gOps = kCudaOps;
 
 //! Bumped by eoraPluginWeightsChanged(): every instance's compacted 2:4 weight becomes stale.
@@ -242,6 +242,11 @@ void EoraLinearPlugin::releaseDeviceBuffers() noexcept
         gOps.release(mSparse);
         mSparse = nullptr;
         mSparseSource = nullptr;
+    }
+    if (mPacked != nullptr)
+    {
+        gOps.release(mPacked);
+        mPacked = nullptr;
     }
 }
 
@@ -616,7 +621,7 @@ bool EoraLinearPlugin::ensureSparse(void const* w, cudaStream_t stream) noexcept
     }
     // Rebuilt whenever the weights may have changed: a new address, a new generation of this instance (attach,
     // onShapeChange) or a refit announced process-wide. Never trusted on the address alone.
-    uint64_t const generation = mWeightsGeneration + (gRefitEpoch.load() << 32);
+    uint64_t const generation = weightsGeneration();
     if (mSparseSource != w || mSparseGeneration != generation)
     {
         if (gOps.sparse24Compact(w, mAttrs.inFeatures, mAttrs.outFeatures, mSparse, stream) != 0)
@@ -627,6 +632,53 @@ bool EoraLinearPlugin::ensureSparse(void const* w, cudaStream_t stream) noexcept
         // A compaction captured into a graph runs at every replay; only an eager one may be reused.
         mSparseSource = capturing ? nullptr : w;
         mSparseGeneration = generation;
+    }
+    return true;
+}
+
+uint64_t EoraLinearPlugin::weightsGeneration() const noexcept
+{
+    return mWeightsGeneration + (gRefitEpoch.load() << 32);
+}
+
+bool EoraLinearPlugin::ensurePacked(EoraLinearParams const* p, cudaStream_t stream) noexcept
+{
+    bool const capturing = gOps.isCapturing(stream);
+    if (mPacked == nullptr)
+    {
+        EoraLinearParams q = paramsOf(mAttrs);
+        size_t const bytes = eoraLinearPackedBytes(&q);
+        if (capturing || bytes == 0 || gOps.allocate(&mPacked, bytes) != 0)
+        {
+            mPacked = nullptr;
+            return false;
+        }
+        mPackedGeneration = 0;
+    }
+    if (p == nullptr)
+    {
+        return true; // allocation only (attachToContext)
+    }
+    // Same rule as the 2:4 weight: rebuilt for new addresses of any packed input or a new weights generation.
+    void const* const src[6] = {p->w, p->wScale, p->a, p->aScale, p->b, p->bScale};
+    uint64_t const generation = weightsGeneration();
+    bool same = mPackedGeneration == generation;
+    for (int32_t i = 0; i < 6; ++i)
+    {
+        same = same && mPackedSource[i] == src[i];
+    }
+    if (!same)
+    {
+        if (gOps.pack(p, mPacked, stream) != 0)
+        {
+            reportError(mRecorder, "%s", eoraLastError());
+            return false;
+        }
+        for (int32_t i = 0; i < 6; ++i)
+        {
+            mPackedSource[i] = capturing ? nullptr : src[i]; // a captured pack is never reused eagerly
+        }
+        mPackedGeneration = generation;
     }
     return true;
 }
@@ -660,6 +712,11 @@ int32_t EoraLinearPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTenso
     if (mAttrs.sparse24 == 1 && ensureSparse(p.w, stream))
     {
         p.sparse = mSparse;
+    }
+    // The skinny path needs the packed copies; build them only when a call can take that path.
+    if (p.M <= kSkinnyMaxM && p.M <= mPlan.gemvMaxM && skinnyShapesOk(mAttrs) && ensurePacked(&p, stream))
+    {
+        p.packed = mPacked;
     }
     // The launch is told the size TensorRT allocated (what getWorkspaceSize reported, serialized with the
     // engine), never the size this call would like: a plan that needs more is refused, not written past.
@@ -701,6 +758,10 @@ IPluginV3* EoraLinearPlugin::attachToContext(IPluginResourceContext* context) no
         // failure here (e.g. no device yet) is not an error; enqueue tries again.
         p->allocateSemaphores(nullptr);
         p->ensureSparse(nullptr, nullptr);
+        if (skinnyShapesOk(p->mAttrs))
+        {
+            p->ensurePacked(nullptr, nullptr);
+        }
     }
     return p;
 }

@@ -102,6 +102,9 @@ private:
     bool allocateSemaphores(cudaStream_t stream) noexcept;
     bool readySemaphores(cudaStream_t stream) noexcept;
     bool ensureSparse(void const* w, cudaStream_t stream) noexcept;
+    //! The packed copies of w, a, b (eoraLinearPacked.h) for M <= 16, rebuilt like the 2:4 weight.
+    bool ensurePacked(EoraLinearParams const* p, cudaStream_t stream) noexcept;
+    uint64_t weightsGeneration() const noexcept;
     bool sparseEligible() const noexcept;
     void releaseDeviceBuffers() noexcept;
     void initFields();
@@ -120,6 +123,9 @@ private:
     //! and on eoraPluginWeightsChanged() (refit), so a rebuilt or refitted weight is compacted again.
     void const* mSparseSource{nullptr};
     uint64_t mSparseGeneration{0};
+    void* mPacked{nullptr};
+    void const* mPackedSource[6]{};
+    uint64_t mPackedGeneration{0};
     uint64_t mWeightsGeneration{1};
 };
 

@@ -26,6 +26,7 @@ typedef struct EoraDeviceOps
     /* 1 while stream is being captured into a CUDA graph (nothing may be allocated then), else 0. */
     int32_t (*isCapturing)(cudaStream_t stream);
     int32_t (*sparse24Compact)(const void* w, int32_t K, int32_t N, void* out, cudaStream_t stream);
+    int32_t (*pack)(const EoraLinearParams* p, void* out, cudaStream_t stream);
     int32_t (*forward)(const EoraLinearParams* p, cudaStream_t stream);
 } EoraDeviceOps;
 
@@ -33,7 +34,7 @@ typedef struct EoraDeviceOps
 EORA_API void eoraPluginSetDeviceOps(const EoraDeviceOps* ops);
 
 /* Declare that weights changed in place (e.g. after IRefitter::refitCudaEngine): every EoraLinear instance
-   rebuilds its 2:4 compacted weight at its next enqueue. */
+   rebuilds its 2:4 compacted weight and its packed copies at its next enqueue. */
 EORA_API void eoraPluginWeightsChanged(void);
 
 #ifdef __cplusplus

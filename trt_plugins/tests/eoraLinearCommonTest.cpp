@@ -16,8 +16,11 @@
  *   plan n    n x (9 attributes, M)        invariants of the launch planner
  *   wsmax n   n x (9 attributes, maxM, gemvMaxM)   workspaceBytesMax against a brute-force scan of every M
  *   splitk n  n x (splits, tiles, launches, seed)  the split-K counter protocol, simulated
+ *   packed K N G  <K*N codes> <K*N/2 packed bytes> <K/G*N scale bits> <K*N expected fp16 bits>
+ *             the skinny path's packed layout: repack, decode as the kernel does, dequantize
  */
 #include "eoraLinearCommon.h"
+#include "eoraLinearPacked.h"
 
 #include <cmath>
 #include <cstring>
@@ -418,6 +421,43 @@ void testPlan(std::istream& in)
         check(workspaceBytesMax(a, M, kPathAuto, kDefaultGemvMaxM)
                 >= planForward(a, M, kPathAuto, kDefaultGemvMaxM, true).workspaceBytes,
             "workspaceBytesMax bounds M " + attrText(a));
+        // With the packed copies, small M takes the skinny path where the shape allows it; each split owns an
+        // equal share of both segments, and the shares tile each segment exactly.
+        ForwardPlan const sk = planForward(a, M, kPathAuto, kDefaultGemvMaxM, true, true);
+        bool const wantSkinny = M <= kDefaultGemvMaxM && M <= kSkinnyMaxM && skinnyShapesOk(a) && fastShapesOk(a);
+        check((sk.path == kPathSkinny) == wantSkinny, "skinny path choice " + attrText(a) + " M=" + std::to_string(M));
+        if (sk.path == kPathSkinny)
+        {
+            KernelPlan const* plans[2] = {&sk.mainPlan, a.rank > 0 ? &sk.tPlan : nullptr};
+            for (int32_t pi = 0; pi < 2; ++pi)
+            {
+                KernelPlan const* kp = plans[pi];
+                if (kp == nullptr)
+                {
+                    continue;
+                }
+                int64_t const u0 = a.inFeatures / kPackK;
+                int64_t const u1 = pi == 0 ? a.rank / kPackK : 0;
+                int64_t c0 = 0;
+                int64_t c1 = 0;
+                bool ok = kp->splits >= 1 && kp->splits <= kMaxSplits && kp->nTiles * kPackStripCols
+                        == (pi == 0 ? a.outFeatures : a.rank);
+                for (int32_t sp = 0; sp < kp->splits; ++sp)
+                {
+                    int64_t b0;
+                    int64_t e0;
+                    int64_t b1;
+                    int64_t e1;
+                    skinnySplitRange(*kp, sp, u0, u1, b0, e0, b1, e1);
+                    ok = ok && b0 == c0 && e0 >= b0 && b1 == c1 && e1 >= b1;
+                    c0 = e0;
+                    c1 = e1;
+                }
+                check(ok && c0 == u0 && c1 == u1, "skinny split ranges tile both segments " + attrText(a));
+            }
+            check(sk.workspaceBytes <= workspaceBytesAt(a, M, kPathAuto, kDefaultGemvMaxM),
+                "workspaceBytesAt covers the skinny plan " + attrText(a));
+        }
     }
 }
 
@@ -441,7 +481,7 @@ void testWorkspaceMax(std::istream& in)
             int64_t at = 0;
             for (int64_t m = 1; m <= maxM; ++m)
             {
-                int64_t const b = planForward(a, m, algo, gemvMaxM, true).workspaceBytes;
+                int64_t const b = workspaceBytesAt(a, m, algo, gemvMaxM);
                 if (b > brute)
                 {
                     brute = b;
@@ -517,6 +557,112 @@ void testSplitK(std::istream& in)
     }
 }
 
+
+//! The packed layout (eoraLinearPacked.h) from pack_int4's bytes: every (k, n) lands in exactly one nibble,
+//! the kernel's AND-OR + HSUB2/HFMA2 decoding gives back the code, and HMUL2 by the permuted scale gives
+//! quant.dequantize's fp16 value bit for bit.
+void testPacked(std::istream& in)
+{
+    int64_t K;
+    int64_t N;
+    int32_t G;
+    in >> K >> N >> G;
+    std::vector<int> codes(static_cast<size_t>(K * N));
+    std::vector<uint8_t> packed(static_cast<size_t>(K * N / 2));
+    std::vector<uint16_t> scales(static_cast<size_t>(K / G * N));
+    std::vector<uint16_t> expect(static_cast<size_t>(K * N));
+    for (int& v : codes)
+    {
+        in >> v;
+    }
+    for (uint8_t& b : packed)
+    {
+        int v;
+        in >> v;
+        b = static_cast<uint8_t>(v);
+    }
+    for (uint16_t& v : scales)
+    {
+        int x;
+        in >> x;
+        v = static_cast<uint16_t>(x);
+    }
+    for (uint16_t& v : expect)
+    {
+        int x;
+        in >> x;
+        v = static_cast<uint16_t>(x);
+    }
+    // Repack as the repack kernel does (one word per strip, step, lane, tile) and the scales likewise.
+    std::vector<uint32_t> words(static_cast<size_t>(K * N / 8), 0xDEADBEEFu);
+    for (int64_t strip = 0; strip < N / kPackStripCols; ++strip)
+    {
+        for (int64_t step = 0; step < K / kPackK; ++step)
+        {
+            for (int32_t lane = 0; lane < 32; ++lane)
+            {
+                for (int32_t tile = 0; tile < 4; ++tile)
+                {
+                    words[static_cast<size_t>(((strip * (K / kPackK) + step) * 32 + lane) * 4 + tile)]
+                        = packedWordFromSpec(packed.data(), N / 2, strip, step, lane, tile);
+                }
+            }
+        }
+    }
+    std::vector<uint16_t> pscales(scales.size(), 0xFFFFu);
+    for (int64_t g = 0; g < K / G; ++g)
+    {
+        for (int64_t n = 0; n < N; ++n)
+        {
+            pscales[static_cast<size_t>(packedScaleIndex(g, n, N))] = scales[static_cast<size_t>(g * N + n)];
+        }
+    }
+    bool everyScale = true;
+    for (uint16_t v : pscales)
+    {
+        everyScale = everyScale && v != 0xFFFFu;
+    }
+    check(everyScale, "packedScaleIndex is a permutation");
+    int bad = 0;
+    int badIndex = 0;
+    for (int64_t k = 0; k < K; ++k)
+    {
+        for (int64_t n = 0; n < N; ++n)
+        {
+            int32_t nib;
+            int64_t const wi = packedWordIndex(k, n, K, nib);
+            int32_t lane = static_cast<int32_t>((wi / 4) % 32);
+            int64_t const step = (wi / 4 / 32) % (K / kPackK);
+            int32_t kk;
+            int32_t nn;
+            packedCoord(lane, nib, kk, nn);
+            int64_t const kBack = (step / 4) * kPackBlockK + packedBlockRow(static_cast<int32_t>(step % 4), kk);
+            badIndex += (kBack == k && nn == n % 16) ? 0 : 1;
+            uint32_t pairs[4];
+            packedMagicPairs(words[static_cast<size_t>(wi)], pairs);
+            // nibble -> (pair, half): pair = (nib & 1) + 2 * ((nib >> 1) & 1), half = nib >> 2
+            uint32_t const pr = pairs[(nib & 1) + 2 * ((nib >> 1) & 1)];
+            uint16_t const h = static_cast<uint16_t>((nib >> 2) ? (pr >> 16) : (pr & 0xFFFFu));
+            float const m = halfBitsToFloat(h);
+            float const q = (nib & 1) ? m * kPackHiScale + kPackHiBias : m - kPackLoBias;
+            float const s = halfBitsToFloat(pscales[static_cast<size_t>(packedScaleIndex(k / G, n, N))]);
+            uint16_t const got = floatToHalfBits(q * s);
+            bool const ok = q == static_cast<float>(codes[static_cast<size_t>(k * N + n)])
+                && got == expect[static_cast<size_t>(k * N + n)];
+            if (!ok && bad < 5)
+            {
+                check(false, "packed decode k=" + std::to_string(k) + " n=" + std::to_string(n) + " q="
+                        + std::to_string(q) + " want " + std::to_string(codes[static_cast<size_t>(k * N + n)]));
+            }
+            bad += ok ? 0 : 1;
+        }
+    }
+    check(bad == 0, "packed layout decodes every code and dequantizes bit-exactly (" + std::to_string(bad) + " bad)");
+    check(badIndex == 0, "packedWordIndex / packedCoord agree");
+    PackedLayout const L = packedLayout(EoraAttrs{static_cast<int32_t>(K), static_cast<int32_t>(N), 0, 4, G, 16, 0, 0, 0});
+    check(L.wScales >= K * N / 2 && L.totalBytes >= L.wScales + K / G * N * 2, "packedLayout sizes");
+}
+
 } // namespace
 
 int main(int argc, char** argv)
@@ -570,6 +716,10 @@ int main(int argc, char** argv)
         else if (section == "splitk")
         {
             testSplitK(in);
+        }
+        else if (section == "packed")
+        {
+            testPacked(in);
         }
         else
         {

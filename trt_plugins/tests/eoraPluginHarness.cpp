@@ -18,6 +18,7 @@
  */
 #include "NvInferRuntime.h"
 #include "eoraLinearCommon.h"
+#include "eoraLinearPacked.h"
 #include "eoraPluginDeviceOps.h"
 
 #include <cstdio>
@@ -640,6 +641,11 @@ int32_t fakeCompact(void const* w, int32_t /*K*/, int32_t /*N*/, void* /*out*/, 
     gOps.events.push_back("compact " + std::to_string(reinterpret_cast<uintptr_t>(w)) + " " + streamName(s));
     return 0;
 }
+int32_t fakePack(EoraLinearParams const* /*p*/, void* /*out*/, cudaStream_t s)
+{
+    gOps.events.push_back("pack " + streamName(s));
+    return 0;
+}
 int32_t fakeForward(EoraLinearParams const* p, cudaStream_t s)
 {
     gOps.events.push_back("forward " + streamName(s));
@@ -751,7 +757,7 @@ void deviceEffects(IPluginCreatorV3One* creator)
     int64_t argmax = 0;
     for (int64_t m = 1; m <= maxM; ++m)
     {
-        int64_t const need = eora::planForward(ea, m, eora::kPathAuto, 12, true).workspaceBytes;
+        int64_t const need = eora::workspaceBytesAt(ea, m, eora::kPathAuto, 12);
         if (need > brute)
         {
             brute = need;
@@ -776,15 +782,16 @@ void deviceEffects(IPluginCreatorV3One* creator)
         return;
     }
 
-    EoraDeviceOps const ops{fakeAllocate, fakeRelease, fakeMemset, fakeCapturing, fakeCompact, fakeForward};
+    EoraDeviceOps const ops{fakeAllocate, fakeRelease, fakeMemset, fakeCapturing, fakeCompact, fakePack, fakeForward};
     eoraPluginSetDeviceOps(&ops);
     gOps = OpsLog{};
     Recorder rec;
     ResourceContext ctx(&rec);
     Plugin att = capabilities(r.runtime->attachToContext(&ctx));
     std::string const sem = std::to_string(4 * eora::kSemaphoreCount);
-    check(joined(gOps.events) == "alloc " + sem, "attachToContext allocates the counters, zeroes nothing yet",
-        joined(gOps.events));
+    std::string const packedBytes = std::to_string(eora::packedLayout(ea).totalBytes);
+    check(joined(gOps.events) == "alloc " + sem + " | alloc " + packedBytes,
+        "attachToContext allocates the counters and the packed copies, fills nothing yet", joined(gOps.events));
 
     cudaStream_t const s1 = reinterpret_cast<cudaStream_t>(uintptr_t{1});
     gOps.events.clear();
@@ -827,6 +834,14 @@ void deviceEffects(IPluginCreatorV3One* creator)
                 && std::string(rec2.getErrorDesc(rec2.getNbErrors() - 1)).find("workspace") != std::string::npos,
             "a call needing more workspace than the engine has is refused before any launch",
             "batch " + std::to_string(over) + " rc " + std::to_string(rc));
+
+        // M = 16 with the default crossover (16): the skinny path, packed once on the enqueue stream.
+        gOps.events.clear();
+        rc = runEnqueue(att2, small, 1, nullptr, s1);
+        bool const packedUsed = gOps.last.packed != nullptr;
+        runEnqueue(att2, small, 1, nullptr, s1);
+        check(rc == 0 && packedUsed && joined(gOps.events) == "pack S1 | forward S1 | forward S1",
+            "packed copies built once, on the enqueue stream, for the M <= 16 path", joined(gOps.events));
         delete att2.v3;
         delete r2.v3;
         delete b2.v3;
