@@ -125,3 +125,57 @@ def test_junit_counts_and_markdown(tmp_path):
            "targets": bench.check_targets([_row(1, _good(1))], 4800.0)}
     md = gpu_check.results_markdown(doc)
     assert "| build | ok | 1.0 | x |" in md and "| M=1 speed-up of fused over cuBLAS FP16 | 4096x4096 | 3.75 | >= 3.0 | pass (M=1) |" in md
+
+
+# --------------------------------------------------------------------------- tools/kernel_proxies.py
+
+proxies = _load("kernel_proxies")
+
+_SASS = """
+        /*0100*/                   MOV R1, c[0x0][0x28] ;
+        /*0110*/                   LDG.E.128.CONSTANT R8, desc[UR6][R88.64] ;
+        /*0120*/                   LDG.E.128.CONSTANT R12, desc[UR6][R88.64+0x200] ;
+        /*0130*/              @!P0 LDG.E.128.CONSTANT R20, desc[UR6][R90.64] ;
+        /*0140*/                   LOP3.LUT R2, R8, 0xf000f, R5, 0xea, !PT ;
+        /*0150*/                   HADD2 R2, R2, -1032, -1032 ;
+        /*0160*/                   HMMA.16816.F32 R24, R2, R8, R24 ;
+        /*0170*/                   HMMA.16816.F32 R28, R2, R8, R28 ;
+        /*0180*/              @!P1 BRA 0x110 ;
+        /*0190*/                   EXIT ;
+"""
+
+
+def test_proxies_parse_the_hot_loop():
+    body = proxies.innermost_hot_loop(proxies.parse_sass(_SASS), "HMMA")
+    assert [a for a, _, _ in body] == list(range(0x110, 0x190, 0x10))
+    m = proxies.loop_metrics(body, rows_per_col=1, how="hmma")
+    assert m["loop_instructions"] == 8 and m["weights_per_thread_per_iteration"] == 16
+    assert m["instructions_per_int4_weight"] == 0.5
+    assert m["w_bytes_loaded_per_iteration"] == 32  # the lone scale load (R90) is not a weight load
+
+
+def test_proxies_resource_usage_and_occupancy():
+    text = ("ptxas info    : Compiling entry function '_Z3fooILi1EEv' for 'sm_90a'\n"
+            "ptxas info    : Function properties for _Z3fooILi1EEv\n"
+            "    0 bytes stack frame, 8 bytes spill stores, 4 bytes spill loads\n"
+            "ptxas info    : Used 95 registers, used 1 barriers, 8196 bytes smem, 400 bytes cmem[0]\n")
+    assert proxies.parse_resource_usage(text) == {
+        "_Z3fooILi1EEv": {"registers": 95, "spill_stores": 8, "spill_loads": 4, "smem": 8196}}
+    assert proxies.occupancy(95, 8196, 128) == 5  # 96 regs x 128 threads: 5 blocks in 64 K registers
+    assert proxies.occupancy(128, 16388, 128) == 4
+
+
+def test_kernel_proxies_on_the_real_build():
+    """Compiles the kernels for sm_90a (about a minute on 2 cores) and checks the M = 1 goal: <= 2 SASS
+    instructions per INT4 weight in the skinny inner loop, no spills."""
+    missing = [t for t in ("nvcc", "cuobjdump", "nvdisasm") if proxies.find_tool(t) is None]
+    if missing:
+        pytest.skip(f"{', '.join(missing)} not found (pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm)")
+    doc = proxies.measure("sm_90a")
+    k = {x["kernel"]: x for x in doc["kernels"]}
+    sk = k["skinny M<=8 (mma.sync, packed INT4)"]
+    assert sk["instructions_per_int4_weight"] <= proxies.GOAL_INSTR_PER_WEIGHT, sk
+    assert sk["spill_stores"] == sk["spill_loads"] == 0 and sk["w_bytes_in_flight_per_thread"] >= 64, sk
+    assert k["skinny M<=16 (mma.sync, packed INT4)"]["spill_stores"] == 0
+    # The v1 GEMV loop is the baseline the skinny path replaces: several times the instructions per weight.
+    assert k["v1 GEMV M=1 (fp32 FFMA, INT4)"]["instructions_per_int4_weight"] > 3 * sk["instructions_per_int4_weight"]
