@@ -340,10 +340,14 @@ def main(argv: list[str] | None = None) -> int:
             "lowrank_group": args.lowrank_group, "iters": args.iters, "warmup": args.warmup,
             "cuda_graph": not args.no_graph, "graph_fallbacks": fallbacks}
     (args.out / "bench_kernels.json").write_text(json.dumps({"meta": meta, "rows": rows, "targets": targets}, indent=1))
-    plot(rows, args.out / "bench_kernels.png", args.peak_gbps)
+    try:
+        plot(rows, args.out / "bench_kernels.png", args.peak_gbps)
+        wrote = f"{args.out / 'bench_kernels.json'} and {args.out / 'bench_kernels.png'}"
+    except ImportError:  # a bare GPU machine may lack matplotlib: the JSON and the table are what count
+        wrote = f"{args.out / 'bench_kernels.json'} (matplotlib not installed: no plot)"
     print()
     print_targets(targets)
-    print(f"wrote {args.out / 'bench_kernels.json'} and {args.out / 'bench_kernels.png'}")
+    print(f"wrote {wrote}")
     if fallbacks and args.strict_graph:
         print(f"bench_kernels: CUDA-graph capture fell back to eager launches for {len(fallbacks)} cells "
               f"(first: {fallbacks[0]}); the timings include Python launch overhead", file=sys.stderr)
