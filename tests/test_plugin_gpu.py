@@ -207,3 +207,15 @@ def test_skinny_in_a_cuda_graph(lib):
     g.replay()
     torch.cuda.synchronize()
     check_close(y, ref_layer(x), "skinny in a CUDA graph")
+
+
+@pytest.mark.parametrize("m", (1, 8, 16))
+def test_skinny_path_reads_a_24_weight_dense(lib, m):
+    """sparse24=1 at M <= 16 takes the skinny path on the dense weight (the compacted GEMV is ALU-bound)."""
+    layer = make_layer("sparse24", 128, 4, k=SK_K, n=SK_N, lgroup=64)
+    tensors, attrs, ref_layer = device_inputs(layer)
+    assert attrs["sparse24"] == 1 and tp.select_path(attrs, m) == "skinny"
+    assert tp.select_path(attrs, m, packed=False) == "gemv"
+    x = torch.randn(m, SK_K, device="cuda").half()
+    check_close(tp.eora_linear_cuda(x, tensors, attrs), ref_layer(x), f"2:4 skinny M={m}")
+    check_close(tp.eora_linear_cuda(x, tensors, attrs, packed="none"), ref_layer(x), f"2:4 compacted GEMV M={m}")

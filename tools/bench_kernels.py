@@ -6,7 +6,9 @@ Columns, for each (K x N) shape and batch M:
   unfused       our rank-0 kernel + two torch matmuls for the factors (how a graph without the
                 fused node runs the residual)
   fused         our kernel, INT4 weight + rank-r INT4 factors in one extended-K pass
-  sparse24      our kernel, 2:4-sparse INT4 weight (compacted) + the same fused factors
+  sparse24      our kernel, 2:4-sparse INT4 weight + the same fused factors, as an engine runs it: the v1
+                compacted GEMV (0.75x the bytes) only where the skinny path cannot run; otherwise the
+                weight is read dense (the skinny loop is memory-bound, the compacted GEMV ALU-bound)
 
 Each column reports microseconds per call, achieved GB/s (bytes the call must read: weights,
 scales, factors, activations, output) and the share of the HBM peak (--peak-gbps, by default read
@@ -191,6 +193,7 @@ class Case:
             t = {"w": int4(k, n, random_24_codes(torch, k, n, dev)), "w_scale": scales(k // g, n),
                  "a": int4(k, r), "a_scale": scales(k // lg, r), "b": int4(r, n), "b_scale": scales(r // lg, n)}
             t["sparse"] = tp.prepare_sparse24(t["w"], self.attrs24)
+            t["packed"] = tp.prepare_packed(t, self.attrs24) if tp.packed_bytes(self.attrs24) else "none"
             self.sp.append(t)
 
 
@@ -229,6 +232,11 @@ def time_calls(torch: Any, fn: Any, n_copies: int, warmup: int, iters: int, grap
     return start.elapsed_time(end) * 1000.0 / iters, False
 
 
+def t_packed(case: Case) -> bool:
+    """Whether the 2:4 case runs with packed copies (then M <= 16 reads the dense weight on the skinny path)."""
+    return not isinstance(case.sp[0]["packed"], str)
+
+
 def bench_shape(torch: Any, tp: Any, case: Case, m: int, args: argparse.Namespace) -> dict[str, Any]:
     x = torch.randn(m, case.k, device="cuda").half()
     act = m * case.k * 2 + m * case.n * 2  # x read, y written
@@ -250,7 +258,7 @@ def bench_shape(torch: Any, tp: Any, case: Case, m: int, args: argparse.Namespac
 
     def sparse(i: int) -> None:
         t = case.sp[i]
-        tp.eora_linear_cuda(x, t, case.attrs24, sparse=t["sparse"], packed="none", out=y)
+        tp.eora_linear_cuda(x, t, case.attrs24, sparse=t["sparse"], packed=t["packed"], out=y)
 
     fns = {"cublas_fp16": (cublas, len(case.w16)), "int4": (int4, len(case.q)), "unfused": (unfused, len(case.q)),
            "fused": (fused, len(case.q)), "sparse24": (sparse, len(case.sp))}
@@ -260,7 +268,7 @@ def bench_shape(torch: Any, tp: Any, case: Case, m: int, args: argparse.Namespac
         fn, copies = fns[name]
         us, graphed = time_calls(torch, fn, copies, args.warmup, args.iters, not args.no_graph)
         nbytes = case.bytes[name] + act
-        if name == "sparse24" and tp.select_path(case.attrs24, m, packed=False) != "gemv":
+        if name == "sparse24" and tp.select_path(case.attrs24, m, packed=t_packed(case)) != "gemv":
             nbytes = case.bytes["fused"] + act  # past the GEMV the dense tensor-core path reads dense w
         gbps = nbytes / (us * 1e-6) / 1e9
         row[name] = {"us": us, "bytes": nbytes, "gbps": gbps, "pct_peak": 100.0 * gbps / args.peak_gbps,

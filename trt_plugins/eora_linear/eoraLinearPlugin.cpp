@@ -709,7 +709,8 @@ int32_t EoraLinearPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTenso
     p.gemvMaxM = mPlan.gemvMaxM;
     p.noSplitK = readySemaphores(stream) ? 0 : 1;
     p.semaphores = mSemaphores;
-    if (mAttrs.sparse24 == 1 && ensureSparse(p.w, stream))
+    // The compacted 2:4 weight serves the v1 GEMV only, which small M uses when the skinny path cannot.
+    if (mAttrs.sparse24 == 1 && !skinnyShapesOk(mAttrs) && ensureSparse(p.w, stream))
     {
         p.sparse = mSparse;
     }
@@ -757,7 +758,10 @@ IPluginV3* EoraLinearPlugin::attachToContext(IPluginResourceContext* context) no
         // Context creation is outside any CUDA-graph capture: the right moment for persistent buffers. A
         // failure here (e.g. no device yet) is not an error; enqueue tries again.
         p->allocateSemaphores(nullptr);
-        p->ensureSparse(nullptr, nullptr);
+        if (!skinnyShapesOk(p->mAttrs))
+        {
+            p->ensureSparse(nullptr, nullptr);
+        }
         if (skinnyShapesOk(p->mAttrs))
         {
             p->ensurePacked(nullptr, nullptr);
