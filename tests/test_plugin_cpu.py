@@ -380,6 +380,26 @@ def test_gemv_crossover_ignores_the_runtime_environment(plugin_build):
     assert proc.stdout.split() == ["tensor_core", "gemv"], proc.stdout
 
 
+def test_cutlass_sm90_mixed_input_gemm_compiles(tmp_path):
+    """The M > 16 path's CUTLASS instantiation (INT4 x fp16, fp16 group scales, sm_90a wgmma) compiles with this
+    CUDA and the pip nvidia-cutlass headers. A compile probe only (see trt_plugins/eora_linear/cutlass/); about
+    a minute and a half on 2 cores."""
+    cutlass_library = pytest.importorskip("cutlass_library", reason="nvidia-cutlass not installed: no CUTLASS headers")
+    nvcc = tp._find_nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found: the CUTLASS probe needs the CUDA toolkit")
+    src = Path(cutlass_library.__file__).parent / "source"
+    probe = PLUGIN_DIR / "cutlass" / "eoraCutlassSm90Probe.cu"
+    cmd = [nvcc, "-std=c++17", "-O3", "-arch=sm_90a", "--expt-relaxed-constexpr", f"-I{src / 'include'}",
+           f"-I{src / 'tools' / 'util' / 'include'}", "-c", str(probe), "-o", str(tmp_path / "probe.o")]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    nm = shutil.which("nm")
+    if nm is not None:
+        syms = subprocess.run([nm, str(tmp_path / "probe.o")], capture_output=True, text=True).stdout
+        assert "eoraCutlassSm90ProbeWorkspace" in syms
+
+
 def test_build_plugin_names_a_missing_tool(monkeypatch):
     monkeypatch.setattr(tp.shutil, "which", lambda name: None)
     with pytest.raises(tp.PluginError, match="cmake not found"):
