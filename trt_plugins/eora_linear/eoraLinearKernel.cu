@@ -1115,6 +1115,8 @@ ForwardPlan planOf(EoraLinearParams const& p, EoraAttrs const& attrs)
             kp->splits = 1;
             kp->unitsPerSplit = kp->totalUnits > 0 ? kp->totalUnits : 1;
         }
+        // No partials: t alone (at offset 0) is the scratch.
+        f.workspaceBytes = attrs.rank > 0 ? alignUp(p.M * attrs.rank * 2, 256) : 0;
     }
     return f;
 }

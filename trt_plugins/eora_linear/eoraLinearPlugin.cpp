@@ -721,14 +721,16 @@ int32_t EoraLinearPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTenso
     }
     // The launch is told the size TensorRT allocated (what getWorkspaceSize reported, serialized with the
     // engine), never the size this call would like: a plan that needs more is refused, not written past.
-    int64_t const given = workspaceGiven();
-    int64_t const need = static_cast<int64_t>(eoraLinearWorkspaceSize(&p));
+    int64_t given = workspaceGiven();
     if (given < 0)
     {
-        reportError(mRecorder, "EoraLinear: this engine does not record its workspace size (built by an older "
-                               "plugin?); rebuild it");
-        return -1;
+        // An engine that did not record its workspace (built by an older plugin): without split-K the only
+        // scratch is t for this call's M rows, which any size ever reported for the profile covers (M <= its
+        // max). Slower, never out of bounds.
+        p.noSplitK = 1;
+        given = static_cast<int64_t>(eoraLinearWorkspaceSize(&p));
     }
+    int64_t const need = static_cast<int64_t>(eoraLinearWorkspaceSize(&p));
     if (need > given)
     {
         reportError(mRecorder, "EoraLinear: M=%lld needs %lld bytes of workspace, the engine has %lld (profile max M "

@@ -847,6 +847,23 @@ void deviceEffects(IPluginCreatorV3One* creator)
         delete b2.v3;
     }
 
+    // An engine without the planning fields (serialized by an older plugin): no split-K, t alone in the workspace.
+    {
+        Fields old(a);
+        Plugin r0 = capabilities(creator->createPlugin("layer", old.fc(), TensorRTPhase::kRUNTIME));
+        Recorder rec0;
+        ResourceContext ctx0(&rec0);
+        Plugin att0 = capabilities(r0.runtime->attachToContext(&ctx0));
+        rc = runEnqueue(att0, io, 4, nullptr, s1); // M = 64
+        check(rc == 0 && gOps.last.noSplitK == 1 && gOps.last.workspaceBytes == static_cast<size_t>(64 * a.rank * 2),
+            "an engine without a recorded workspace runs without split-K, t alone in the workspace",
+            "rc " + std::to_string(rc) + " ws " + std::to_string(gOps.last.workspaceBytes) + " nosplit "
+                + std::to_string(gOps.last.noSplitK) + " errors " + std::to_string(rec0.getNbErrors()) + " "
+                + (rec0.getNbErrors() > 0 ? rec0.getErrorDesc(0) : ""));
+        delete att0.v3;
+        delete r0.v3;
+    }
+
     // Graph capture: nothing allocated inside it; a zeroing captured into a graph is redone eagerly.
     {
         Plugin cold = capabilities(r.v3->clone());
