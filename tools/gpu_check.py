@@ -240,25 +240,29 @@ def gpu_tests(check: Check, env: dict[str, str]) -> None:
     check.step("test_plugin_gpu", "ok" if ok else "failed", secs, detail, junit=junit.name, **counts)
 
 
-def bench(check: Check, env: dict[str, str], extra: str) -> None:
-    out = check.out
+def bench(check: Check, env: dict[str, str], extra: str, name: str = "bench_kernels") -> None:
+    out = check.out if name == "bench_kernels" else check.out / name
     cmd = [sys.executable, "tools/bench_kernels.py", "--out", str(out), "--peak-gbps", str(check.info["peak_gbps"]),
            "--strict-graph", *extra.split()]
-    rc, secs = run_logged(cmd, out / "bench_kernels.log", check.left() - 20.0, env)
+    rc, secs = run_logged(cmd, check.out / f"{name}.log", check.left() - 20.0, env)
     result = out / "bench_kernels.json"
     if result.is_file():
         doc = json.loads(result.read_text())
         check.targets = doc.get("targets", [])
         fallbacks = doc.get("meta", {}).get("graph_fallbacks", [])
         if fallbacks:
-            check.step("bench_kernels", "failed", secs, f"CUDA-graph capture fell back to eager for {len(fallbacks)} "
+            check.step(name, "failed", secs, f"CUDA-graph capture fell back to eager for {len(fallbacks)} "
                        f"cells (first: {fallbacks[0]}): timings not trusted")
+            if name == "bench_kernels" and check.left() > 90:
+                # Programmatic dependent launch inside a capture is the likeliest cause: measure once without it
+                # so the run still yields trusted figures (the failure above stays on record).
+                bench(check, {**env, "EORA_DISABLE_PDL": "1"}, extra, "bench_kernels_no_pdl")
             return
     if rc != 0 or not result.is_file():
-        check.step("bench_kernels", "failed", secs, f"exit {rc}: {tail(out / 'bench_kernels.log')}")
+        check.step(name, "failed", secs, f"exit {rc}: {tail(check.out / f'{name}.log')}")
         return
     missed = [t for t in check.targets if not t["pass"]]
-    check.step("bench_kernels", "ok", secs, f"{len(check.targets) - len(missed)}/{len(check.targets)} targets pass")
+    check.step(name, "ok", secs, f"{len(check.targets) - len(missed)}/{len(check.targets)} targets pass")
 
 
 def pipeline(check: Check, env: dict[str, str]) -> None:
