@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from eora_export.evaluate import paired_bootstrap, recovered_share, score, window_scores
+from eora_export.evaluate import Scores, paired_bootstrap, recovered_share, score, window_scores
 
 
 def test_window_scores_match_cross_entropy_and_kl_definition():
@@ -63,3 +63,54 @@ def test_recovered_share():
     assert recovered_share(2.0, 0.5) == pytest.approx(0.75)
     assert recovered_share(2.0, 3.0) == pytest.approx(-0.5)
     assert recovered_share(0.0, 0.1) == 0.0
+
+
+def test_score_many_runs_the_reference_once_per_batch_and_matches_score():
+    from eora_export.evaluate import reference_logits, score_many
+
+    torch.manual_seed(3)
+    table = torch.randn(11, 11)
+    windows = torch.randint(0, 11, (7, 5))
+    calls = []
+
+    def ref_fn(ids):
+        calls.append(ids.shape[0])
+        return table[ids]
+
+    fns = {"a": lambda ids: table[ids] * 0.9, "b": lambda ids: table[ids] + 0.1 * torch.cos(ids.float())[..., None]}
+    many = score_many(fns, windows, ref_fn, "ref", batch_size=3, progress=False)
+    assert calls == [3, 3, 1], "one reference call per batch for all models"
+    assert list(many) == ["a", "b", "ref"]
+    for k, fn in fns.items():
+        alone = score(fn, windows, ref_fn, batch_size=3, progress=False)
+        assert torch.equal(many[k].nll, alone.nll) and torch.equal(many[k].kl, alone.kl)
+    assert many["ref"].mean_kl == 0.0
+    # cached reference logits give the same numbers; a cache of the wrong length is refused
+    cached = reference_logits(ref_fn, windows, batch_size=3)
+    again = score(fns["a"], windows, cached, batch_size=3, progress=False)
+    assert torch.equal(again.kl, many["a"].kl)
+    with pytest.raises(ValueError, match="cached reference batches"):
+        score(fns["a"], windows, cached[:2], batch_size=3, progress=False)
+    # the first windows' scores are those of scoring the first windows alone
+    head = score(fns["b"], windows[:3], ref_fn, batch_size=3, progress=False)
+    assert torch.equal(many["b"].head(3).kl, head.kl)
+
+
+def test_recovered_share_interval_and_ranking_with_ties():
+    from eora_export.evaluate import bootstrap_recovered, ranking
+
+    torch.manual_seed(4)
+    base = torch.rand(300) + 0.5
+    half = 0.5 * base * (1 + 0.2 * torch.randn(300)).clamp_min(0)
+    rec = bootstrap_recovered(base, half)
+    assert rec["low"] < rec["share"] < rec["high"] and rec["low"] < 0.5 < rec["high"]
+    assert rec["share"] == pytest.approx(recovered_share(float(base.sum()), float(half.sum())))
+    same = base + 0.01 * (torch.randn(300) - 0.0)
+    scores = {k: Scores(torch.zeros(300, dtype=torch.float64), v.double(), 1) for k, v in
+              {"ref": torch.zeros(300), "c": base, "half": half, "same": same}.items()}
+    line, pairs = ranking(scores, "kl")
+    assert line.startswith("ref < half < ") and " ~ " in line, line
+    assert [p["significant"] for p in pairs] == [True, True, False]
+    # perplexity ranking: all NLL equal -> every neighbour tied
+    line, _ = ranking(scores, "nll")
+    assert line.count(" ~ ") == 3, line
