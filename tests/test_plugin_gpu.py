@@ -219,3 +219,21 @@ def test_skinny_path_reads_a_24_weight_dense(lib, m):
     x = torch.randn(m, SK_K, device="cuda").half()
     check_close(tp.eora_linear_cuda(x, tensors, attrs), ref_layer(x), f"2:4 skinny M={m}")
     check_close(tp.eora_linear_cuda(x, tensors, attrs, packed="none"), ref_layer(x), f"2:4 compacted GEMV M={m}")
+
+
+# --------------------------------------------------------------------------- the opt-in CUTLASS path (M > 16, sm_90a)
+
+
+@pytest.mark.parametrize("m", (17, 64, 256, 1000))
+@pytest.mark.parametrize("rank", (0, 128))
+def test_cutlass_path_matches_reference(lib, rank, m):
+    layer = make_layer("int4", rank, 4 if rank else 16, k=SK_K, n=SK_N, lgroup=64)
+    tensors, attrs, ref_layer = device_inputs(layer)
+    if tp.cutlass_bytes(attrs) == 0:
+        pytest.skip("library built without the CUTLASS path (needs nvidia-cutlass at build time and sm_90a)")
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the CUTLASS path is compiled for sm_90a only")
+    x = torch.randn(m, SK_K, device="cuda").half()
+    y = tp.eora_linear_cuda(x, tensors, attrs, algo="cutlass")
+    base = (x.float() @ ref_layer.weight.float().T + ref_layer.bias.float()).half() if rank else None
+    check_close(y, ref_layer(x), f"cutlass r={rank} M={m}", base)

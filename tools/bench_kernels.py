@@ -6,6 +6,7 @@ Columns, for each (K x N) shape and batch M:
   unfused       our rank-0 kernel + two torch matmuls for the factors (how a graph without the
                 fused node runs the residual)
   fused         our kernel, INT4 weight + rank-r INT4 factors in one extended-K pass
+  fused_cutlass (M > 16, where the library has it) the opt-in CUTLASS path of the fused op, for comparison
   sparse24      our kernel, 2:4-sparse INT4 weight + the same fused factors, as an engine runs it: the v1
                 compacted GEMV (0.75x the bytes) only where the skinny path cannot run; otherwise the
                 weight is read dense (the skinny loop is memory-bound, the compacted GEMV ALU-bound)
@@ -122,7 +123,7 @@ def check_targets(rows: list[dict[str, Any]], peak_gbps: float) -> list[dict[str
 
 def graph_fallbacks(rows: list[dict[str, Any]]) -> list[str]:
     """Cells whose CUDA-graph capture fell back to eager launches ("KxN M=m method")."""
-    return [f"{r['K']}x{r['N']} M={r['M']} {m}" for r in rows for m in METHODS
+    return [f"{r['K']}x{r['N']} M={r['M']} {m}" for r in rows for m in (*METHODS, "fused_cutlass")
             if isinstance(r.get(m), dict) and not r[m].get("cuda_graph", True)]
 
 
@@ -187,6 +188,8 @@ class Case:
             # Packed copies for the M <= 16 path, built once per weight as the plugin does ("none": no such layout).
             t["packed0"] = tp.prepare_packed(t, self.attrs0) if tp.packed_bytes(self.attrs0) else "none"
             t["packed"] = tp.prepare_packed(t, self.attrs) if tp.packed_bytes(self.attrs) else "none"
+            if tp.cutlass_bytes(self.attrs):  # the opt-in CUTLASS path, measured beside the default for M > 16
+                t["cutlass"] = tp.prepare_cutlass(t, self.attrs)
             self.q.append(t)
         self.sp = []
         for _ in range(copies_for(self.bytes["sparse24"], args.min_copies)):
@@ -264,6 +267,14 @@ def bench_shape(torch: Any, tp: Any, case: Case, m: int, args: argparse.Namespac
            "fused": (fused, len(case.q)), "sparse24": (sparse, len(case.sp))}
     row: dict[str, Any] = {"K": case.k, "N": case.n, "M": m, "rank": case.r,
                            "path": tp.select_path(case.attrs, m)}
+    if m > 16 and "cutlass" in case.q[0]:
+        def fused_cutlass(i: int) -> None:
+            tp.eora_linear_cuda(x, case.q[i], case.attrs, cutlass=case.q[i]["cutlass"], algo="cutlass", out=y)
+
+        us, graphed = time_calls(torch, fused_cutlass, len(case.q), args.warmup, args.iters, not args.no_graph)
+        gbps = (case.bytes["fused"] + act) / (us * 1e-6) / 1e9
+        row["fused_cutlass"] = {"us": us, "bytes": case.bytes["fused"] + act, "gbps": gbps,
+                                "pct_peak": 100.0 * gbps / args.peak_gbps, "cuda_graph": graphed}
     for name in METHODS:
         fn, copies = fns[name]
         us, graphed = time_calls(torch, fn, copies, args.warmup, args.iters, not args.no_graph)
@@ -283,7 +294,8 @@ def print_header() -> None:
 
 def print_row(r: dict[str, Any]) -> None:
     cells = " ".join(f"{r[m]['us']:8.2f} {r[m]['gbps']:6.0f} {r[m]['pct_peak']:5.1f}%" for m in METHODS)
-    print(f"{str(r['K']) + 'x' + str(r['N']):>12} {r['M']:>5} {r['path']:>11} {cells}", flush=True)
+    extra = f"  cutlass {r['fused_cutlass']['us']:8.2f} us" if "fused_cutlass" in r else ""
+    print(f"{str(r['K']) + 'x' + str(r['N']):>12} {r['M']:>5} {r['path']:>11} {cells}{extra}", flush=True)
 
 
 def plot(rows: list[dict[str, Any]], path: Path, peak: float) -> None:
@@ -299,6 +311,10 @@ def plot(rows: list[dict[str, Any]], path: Path, peak: float) -> None:
         ms = [r["M"] for r in sel]
         for m in METHODS:
             ax.plot(ms, [r[m]["us"] for r in sel], marker="o", label=m)
+        cut = [r for r in sel if "fused_cutlass" in r]
+        if cut:
+            ax.plot([r["M"] for r in cut], [r["fused_cutlass"]["us"] for r in cut], marker="x", ls="--",
+                    label="fused_cutlass (opt-in)")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("batch M")

@@ -3,8 +3,8 @@
 The machine has CUDA (nvcc), CMake, Python and PyTorch, but no TensorRT and no network. The TensorRT
 *headers* (all the build needs) travel with the repository copy in a git-ignored folder, named by
 $TENSORRT_INCLUDE_DIR (default: ./.trt_headers when it exists); a prebuilt library may be passed as
-$EORA_PLUGIN_LIB; pytest, if the machine lacks it, is installed offline from wheels in ./.whl. In about
-five minutes the script:
+$EORA_PLUGIN_LIB; pytest and nvidia-cutlass (for the opt-in CUTLASS path), if the machine lacks them, are
+installed offline from wheels in ./.whl. In about five minutes the script:
 
   1. preflight (no GPU): Python modules, cmake + nvcc or a prebuilt library, the headers;
   2. the first GPU call: device name, compute capability, HBM peak (from the name, or --peak-gbps);
@@ -145,11 +145,14 @@ def headers_folder() -> Path | None:
 def preflight(check: Check) -> bool:
     """Everything that needs no GPU. Returns False (with one reason per missing thing) if the check cannot run."""
     t0 = time.monotonic()
-    if importlib.util.find_spec("pytest") is None and WHEELHOUSE.is_dir():
-        # No network on the GPU machine: pytest comes from wheels carried in the git-ignored .whl/ folder.
-        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--find-links",
-                        str(WHEELHOUSE), "pytest"], cwd=REPO, check=False)
-        importlib.invalidate_caches()
+    # No network on the GPU machine: pytest and nvidia-cutlass (the CUTLASS path's headers) come from wheels
+    # carried in the git-ignored .whl/ folder, when they are missing and present there.
+    # (--no-deps for nvidia-cutlass: only its headers are used, found without importing it.)
+    for module, package, extra in (("pytest", "pytest", []), ("cutlass_library", "nvidia-cutlass", ["--no-deps"])):
+        if importlib.util.find_spec(module) is None and WHEELHOUSE.is_dir():
+            subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--find-links",
+                            str(WHEELHOUSE), *extra, package], cwd=REPO, check=False)
+            importlib.invalidate_caches()
     missing = [m for m in ("torch", "pytest") if importlib.util.find_spec(m) is None]
     prebuilt = os.environ.get("EORA_PLUGIN_LIB")
     if prebuilt and not Path(prebuilt).is_file():

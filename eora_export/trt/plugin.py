@@ -36,8 +36,8 @@ SOURCE_DIR = REPO_ROOT / "trt_plugins"
 DEFAULT_BUILD_DIR = REPO_ROOT / "build" / "trt_plugins"
 PACKAGE_LIB = Path(__file__).resolve().parent / "lib" / LIB_NAME
 
-PARAMS_VERSION = 2  # EORA_PARAMS_VERSION in eoraLinearKernel.h
-PATHS = {0: "auto", 1: "gemv", 2: "tensor_core", 3: "simple", 4: "skinny"}
+PARAMS_VERSION = 3  # EORA_PARAMS_VERSION in eoraLinearKernel.h
+PATHS = {0: "auto", 1: "gemv", 2: "tensor_core", 3: "simple", 4: "skinny", 5: "cutlass"}
 
 
 class PluginError(RuntimeError):
@@ -73,6 +73,7 @@ class EoraLinearParams(ctypes.Structure):
         ("bias", ctypes.c_void_p),
         ("sparse", ctypes.c_void_p),
         ("packed", ctypes.c_void_p),
+        ("cutlass", ctypes.c_void_p),
         ("y", ctypes.c_void_p),
         ("workspace", ctypes.c_void_p),
         ("workspaceBytes", ctypes.c_size_t),
@@ -156,7 +157,11 @@ def build_plugin(
         raise PluginError("nvcc not found (PATH, $CUDACXX, /usr/local/cuda/bin): install the CUDA toolkit")
     headers = find_tensorrt_include(tensorrt_include)
     out = Path(build_dir) if build_dir is not None else default_build_dir()
-    configure = [cmake, "-S", str(SOURCE_DIR), "-B", str(out), f"-DCMAKE_CUDA_COMPILER={nvcc}", f"-DTensorRT_INCLUDE_DIR={headers}"]
+    configure = [cmake, "-S", str(SOURCE_DIR), "-B", str(out), f"-DCMAKE_CUDA_COMPILER={nvcc}", f"-DTensorRT_INCLUDE_DIR={headers}",
+                 f"-DPython3_EXECUTABLE={sys.executable}"]
+    cutlass_dir = _cutlass_source_dir()
+    if cutlass_dir is not None:  # the opt-in CUTLASS path (sm_90a) is built when nvidia-cutlass is installed here
+        configure.append(f"-DEORA_CUTLASS_DIR={cutlass_dir}")
     if cuda_archs:
         configure.append(f"-DEORA_CUDA_ARCHS={cuda_archs}")
     build = [cmake, "--build", str(out), "-j", str(jobs)]
@@ -171,6 +176,17 @@ def build_plugin(
     if not lib.is_file():
         raise PluginError(f"the build finished but {lib} is missing")
     return lib
+
+
+def _cutlass_source_dir() -> Path | None:
+    """cutlass_library/source of the pip package nvidia-cutlass (CUTLASS's headers), if installed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("cutlass_library")
+    if spec is None or spec.origin is None:
+        return None
+    src = Path(spec.origin).parent / "source"
+    return src if (src / "include" / "cutlass" / "cutlass.h").is_file() else None
 
 
 # --------------------------------------------------------------------------- load
@@ -240,6 +256,10 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.eoraLinearPackedBytes.restype = ctypes.c_size_t
     lib.eoraLinearPack.argtypes = [p, ctypes.c_void_p, ctypes.c_void_p]
     lib.eoraLinearPack.restype = ctypes.c_int32
+    lib.eoraLinearCutlassBytes.argtypes = [p]
+    lib.eoraLinearCutlassBytes.restype = ctypes.c_size_t
+    lib.eoraLinearCutlassPack.argtypes = [p, ctypes.c_void_p, ctypes.c_void_p]
+    lib.eoraLinearCutlassPack.restype = ctypes.c_int32
     lib.eoraLastError.argtypes = []
     lib.eoraLastError.restype = ctypes.c_char_p
     lib.eoraRegisterPlugins.argtypes = []
@@ -356,14 +376,17 @@ def _semaphore_buffer(lib: ctypes.CDLL, device: Any) -> Any:
         return sem
 
 
-def select_path(attrs: Mapping[str, Any], m: int, algo: int = 0, gemv_max_m: int = 0, packed: bool = True) -> str:
-    """Which kernel path a call with M rows takes: "skinny", "gemv", "tensor_core" or "simple".
+def select_path(attrs: Mapping[str, Any], m: int, algo: int = 0, gemv_max_m: int = 0, packed: bool = True,
+                cutlass: bool = True) -> str:
+    """Which kernel path a call with M rows takes: "skinny", "gemv", "tensor_core", "simple" or "cutlass".
 
-    packed: whether the packed copies are supplied, as :func:`eora_linear_cuda` does where the shape allows.
+    packed / cutlass: whether the packed copies / the CUTLASS copy are supplied, as :func:`eora_linear_cuda`
+    does where the shape (and, for CUTLASS, the build) allows.
     """
     lib = load_plugin()
     p = _params(lib, attrs, m, algo, gemv_max_m)
     p.packed = ctypes.c_void_p(256 if packed else None)  # planning only: never dereferenced
+    p.cutlass = ctypes.c_void_p(256 if cutlass else None)
     path = lib.eoraLinearSelectPath(ctypes.byref(p))
     if path < 0:
         raise PluginError(last_error(lib))
@@ -419,6 +442,33 @@ def prepare_packed(tensors: Mapping[str, Any], attrs: Mapping[str, Any]) -> Any:
     return out
 
 
+def cutlass_bytes(attrs: Mapping[str, Any]) -> int:
+    """Bytes of the CUTLASS path's copy; 0 when the library was built without CUTLASS or the shape has none."""
+    lib = load_plugin()
+    return int(lib.eoraLinearCutlassBytes(ctypes.byref(_params(lib, attrs, 1, 0, 0))))
+
+
+def prepare_cutlass(tensors: Mapping[str, Any], attrs: Mapping[str, Any]) -> Any:
+    """The CUTLASS path's copy ([w ; b] K-major + scales at one group size), uint8 CUDA tensor, for ``cutlass=``."""
+    import torch
+
+    lib = load_plugin()
+    p = _params(lib, attrs, 1, 0, 0)
+    nbytes = lib.eoraLinearCutlassBytes(ctypes.byref(p))
+    if nbytes == 0:
+        raise PluginError("no CUTLASS path here: the library was built without CUTLASS (sm_90a + nvidia-cutlass) or "
+                          "the shape is not the skinny path's")
+    w = tensors["w"]
+    for role, field in (("w", "w"), ("w_scale", "wScale"), ("b", "b"), ("b_scale", "bScale")):
+        t = tensors.get(role)
+        setattr(p, field, ctypes.c_void_p(t.contiguous().data_ptr() if t is not None else None))
+    out = torch.empty(nbytes, dtype=torch.uint8, device=w.device)
+    stream = torch.cuda.current_stream(w.device).cuda_stream
+    if lib.eoraLinearCutlassPack(ctypes.byref(p), ctypes.c_void_p(out.data_ptr()), ctypes.c_void_p(stream)) != 0:
+        raise PluginError(last_error(lib))
+    return out
+
+
 def eora_linear_cuda(
     x: Any,
     tensors: Mapping[str, Any],
@@ -426,6 +476,7 @@ def eora_linear_cuda(
     *,
     sparse: Any = None,
     packed: Any = None,
+    cutlass: Any = None,
     algo: int | str = 0,
     gemv_max_m: int = 0,
     out: Any = None,
@@ -436,8 +487,9 @@ def eora_linear_cuda(
     attrs: the spec attributes. sparse: the buffer from :func:`prepare_sparse24` (computed here when
     sparse24=1 and not given). packed: the buffer from :func:`prepare_packed` (computed here for
     M <= 16 where the shape has a packed layout and none is given; pass "none" to withhold it).
-    algo: 0/"auto", 1/"gemv", 2/"tensor_core", 3/"simple", 4/"skinny". Runs on the current stream;
-    returns float16 ``[..., out_features]``.
+    cutlass: the buffer from :func:`prepare_cutlass` for algo 5/"cutlass" (opt-in; built here if not given).
+    algo: 0/"auto", 1/"gemv", 2/"tensor_core", 3/"simple", 4/"skinny", 5/"cutlass". Runs on the current
+    stream; returns float16 ``[..., out_features]``.
     """
     import torch
 
@@ -478,6 +530,9 @@ def eora_linear_cuda(
     elif packed is None and m <= 16 and lib.eoraLinearPackedBytes(ctypes.byref(p)) > 0:
         packed = prepare_packed(tensors, attrs)
     p.packed = ptr(packed, "packed")
+    if algo == 5 and cutlass is None and lib.eoraLinearCutlassBytes(ctypes.byref(p)) > 0:
+        cutlass = prepare_cutlass(tensors, attrs)
+    p.cutlass = ptr(cutlass, "cutlass")
     y = out if out is not None else torch.empty(*x.shape[:-1], n, dtype=torch.float16, device=x.device)
     if y.shape != (*x.shape[:-1], n) or y.dtype != torch.float16 or not y.is_contiguous():
         raise ValueError(f"out must be a contiguous float16 tensor of shape {(*x.shape[:-1], n)}")

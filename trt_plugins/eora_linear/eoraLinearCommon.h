@@ -507,8 +507,11 @@ enum Path : int32_t
     kPathGemv = 1,        //!< CUDA-core GEMV, M rows in chunks of MT <= 8, split-K
     kPathTensorCore = 2,  //!< WMMA fp16 tensor-core GEMM with INT4 dequant into shared memory
     kPathSimple = 3,      //!< one thread per output: any shape, any alignment; also the on-GPU cross-check
-    kPathSkinny = 4       //!< M <= 16: mma.sync with the weight as the A operand, packed INT4 (eoraLinearPacked.h)
+    kPathSkinny = 4,      //!< M <= 16: mma.sync with the weight as the A operand, packed INT4 (eoraLinearPacked.h)
+    kPathCutlass = 5      //!< opt-in, sm_90a: CUTLASS mixed-input GEMM over the extended K (cutlass/)
 };
+
+constexpr int64_t kCutlassScratch = int64_t{1} << 20; //!< reserved for CUTLASS's own workspace (checked at launch)
 
 constexpr int32_t kGemvTileN = 128;     //!< columns per GEMV block: 16 lanes x 8 columns
 constexpr int32_t kGemvRowAlign = 64;   //!< split-K row ranges are multiples of this (and of 4 for 2:4)
@@ -638,10 +641,13 @@ struct ForwardPlan
     int32_t path;
     KernelPlan tPlan;     //!< t = x.A (valid when rank > 0 and path != simple)
     KernelPlan mainPlan;
-    int64_t tOffset;      //!< fp16 [M, rank]
+    int64_t tOffset;      //!< fp16 [M, rank] (CUTLASS path: t lives in columns K.. of [x | t])
     int64_t tPartialOffset;
     int64_t mainPartialOffset;
     int64_t workspaceBytes;
+    int64_t aExtOffset;   //!< CUTLASS path: fp16 [M, K + r], x and t side by side
+    int64_t cOffset;      //!< CUTLASS path: fp16 [M, N] bias rows (the epilogue's C), when has_bias
+    int64_t scratchOffset; //!< CUTLASS path: kCutlassScratch bytes for CUTLASS
 };
 
 //! The fast paths load 8 columns (and 8 activations) per vector access, so they need these multiples;
@@ -667,11 +673,43 @@ EORA_HD bool skinnyShapesOk(EoraAttrs const& a)
 //! pointer is 16-byte aligned (the fast paths' vector loads need it); packed: the packed copies of the INT4
 //! matrices (eoraLinearPacked.h) are supplied, so M <= 16 can take the skinny path. Without them, or for shapes
 //! it cannot take, the skinny path (auto or forced) becomes the GEMV.
-EORA_HD ForwardPlan planForward(
-    EoraAttrs const& a, int64_t M, int32_t algo, int32_t gemvMaxM, bool aligned, bool packed = false)
+EORA_HD ForwardPlan planForward(EoraAttrs const& a, int64_t M, int32_t algo, int32_t gemvMaxM, bool aligned,
+    bool packed = false, bool cutlass = false)
 {
     ForwardPlan f{};
     int32_t path = algo;
+    if (path == kPathCutlass)
+    {
+        // Opt-in only (never chosen by auto until measured): needs the CUTLASS copies and the skinny shapes.
+        if (cutlass && skinnyShapesOk(a) && aligned && fastShapesOk(a))
+        {
+            f.path = kPathCutlass;
+            int64_t off = 0;
+            int64_t const kExt = static_cast<int64_t>(a.inFeatures) + a.rank;
+            f.aExtOffset = off;
+            f.tOffset = off; // t sits in the columns K.. of [x | t]; the t kernel writes there with ldo = K + r
+            off += alignUp(M * kExt * 2, 256);
+            if (a.rank > 0)
+            {
+                f.tPlan = planKernel(kPathTensorCore, M, a.rank, a.inFeatures, 0);
+                if (f.tPlan.splits > 1)
+                {
+                    f.tPartialOffset = off;
+                    off += alignUp(static_cast<int64_t>(f.tPlan.splits) * M * a.rank * 4, 256);
+                }
+            }
+            if (a.hasBias)
+            {
+                f.cOffset = off;
+                off += alignUp(M * a.outFeatures * 2, 256);
+            }
+            f.scratchOffset = off;
+            off += kCutlassScratch;
+            f.workspaceBytes = off;
+            return f;
+        }
+        path = kPathTensorCore;
+    }
     if (path == kPathAuto)
     {
         path = M <= gemvMaxM ? kPathSkinny : kPathTensorCore;

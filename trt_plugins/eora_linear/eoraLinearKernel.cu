@@ -27,8 +27,10 @@
  * On sm_90 the main kernel is launched with programmatic dependent launch: it starts while the t kernel is
  * still running, streams W, and only the blocks that reach B's rows wait (griddepcontrol.wait) for t.
  */
+#include "cutlass/eoraLinearCutlass.h"
 #include "eoraLinearCommon.h"
 #include "eoraLinearKernel.h"
+#include "eoraLinearPacked.h"
 
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -897,6 +899,40 @@ namespace
 {
 
 // ---------------------------------------------------------------------------------------------
+// The CUTLASS path's helpers (eoraLinearPacked.h, "CUTLASS path's copy")
+// ---------------------------------------------------------------------------------------------
+
+//! C of the CUTLASS epilogue: the bias repeated on every row, so y = acc + bias is rounded once.
+__global__ void biasRowsKernel(__half const* bias, int64_t M, int64_t N, __half* out)
+{
+    int64_t const idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (idx < M * N)
+    {
+        out[idx] = bias[idx % N];
+    }
+}
+
+__global__ void cutlassCodesKernel(uint8_t const* w, uint8_t const* b, int64_t K, int64_t kExt, int64_t N, uint8_t* out)
+{
+    int64_t const idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (idx < N * (kExt / 2))
+    {
+        out[idx] = cutlassCodeByte(w, b, K, N, idx / (kExt / 2), idx % (kExt / 2));
+    }
+}
+
+__global__ void cutlassScalesKernel(EoraAttrs a, __half const* ws, __half const* bs, int64_t groups, __half* out)
+{
+    int64_t const idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (idx < groups * a.outFeatures)
+    {
+        bool fromB;
+        int64_t const src = cutlassScaleSource(a, idx / a.outFeatures, idx % a.outFeatures, fromB);
+        out[idx] = fromB ? bs[src] : ws[src];
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Kernel selection (every instantiation the dispatcher can reach, and no more)
 // ---------------------------------------------------------------------------------------------
 
@@ -1071,9 +1107,9 @@ int32_t checkHeader(EoraLinearParams const* p, EoraAttrs& attrs)
     {
         return fail(EORA_ERR_INVALID, "EoraLinear: M must be >= 0 (got %lld)", static_cast<long long>(p->M));
     }
-    if (p->algo < kPathAuto || p->algo > kPathSkinny)
+    if (p->algo < kPathAuto || p->algo > kPathCutlass)
     {
-        return fail(EORA_ERR_INVALID, "EoraLinear: algo must be 0..4 (got %d)", p->algo);
+        return fail(EORA_ERR_INVALID, "EoraLinear: algo must be 0..5 (got %d)", p->algo);
     }
     return EORA_OK;
 }
@@ -1093,8 +1129,8 @@ bool aligned16(void const* ptr)
 
 bool pointersAligned(EoraLinearParams const& p)
 {
-    void const* ptrs[] = {p.x, p.w, p.wScale, p.a, p.aScale, p.b, p.bScale, p.bias, p.sparse, p.packed, p.y,
-        p.workspace};
+    void const* ptrs[] = {p.x, p.w, p.wScale, p.a, p.aScale, p.b, p.bScale, p.bias, p.sparse, p.packed, p.cutlass,
+        p.y, p.workspace};
     for (void const* q : ptrs)
     {
         if (q != nullptr && !aligned16(q))
@@ -1107,7 +1143,8 @@ bool pointersAligned(EoraLinearParams const& p)
 
 ForwardPlan planOf(EoraLinearParams const& p, EoraAttrs const& attrs)
 {
-    ForwardPlan f = planForward(attrs, p.M, p.algo, gemvMaxMOf(p), pointersAligned(p), p.packed != nullptr);
+    ForwardPlan f = planForward(attrs, p.M, p.algo, gemvMaxMOf(p), pointersAligned(p), p.packed != nullptr,
+        p.cutlass != nullptr && cutlassBuilt());
     if (p.noSplitK)
     {
         for (KernelPlan* kp : {&f.tPlan, &f.mainPlan})
@@ -1339,6 +1376,53 @@ extern "C" EORA_API int32_t eoraLinearForward(EoraLinearParams const* p, cudaStr
 
     bool const pdl = attrs.rank > 0 && plan.path != kPathSimple && pdlEnabled();
 
+    if (plan.path == kPathCutlass)
+    {
+        int64_t const kExt = K + r;
+        __half* aExt = reinterpret_cast<__half*>(ws + plan.aExtOffset);
+        cudaError_t err = cudaMemcpy2DAsync(aExt, kExt * 2, p->x, K * 2, K * 2, p->M, cudaMemcpyDeviceToDevice, stream);
+        if (err != cudaSuccess)
+        {
+            return fail(EORA_ERR_CUDA, "EoraLinear: copying x for CUTLASS failed: %s", cudaGetErrorString(err));
+        }
+        if (attrs.rank > 0)
+        {
+            GemmArgs t{};
+            t.seg[0] = segA;
+            t.nSeg = 1;
+            t.M = p->M;
+            t.N = attrs.rank;
+            t.out = aExt + K; // t = x.A straight into its columns of [x | t]
+            t.ldo = kExt;
+            t.partial = reinterpret_cast<float*>(ws + plan.tPartialOffset);
+            t.counters = p->semaphores;
+            t.plan = plan.tPlan;
+            rc = launchGemm(kPathTensorCore, t, false, stream);
+            if (rc != EORA_OK)
+            {
+                return rc;
+            }
+        }
+        __half* cRows = nullptr;
+        if (attrs.hasBias)
+        {
+            cRows = reinterpret_cast<__half*>(ws + plan.cOffset);
+            int64_t const total = p->M * attrs.outFeatures;
+            biasRowsKernel<<<static_cast<unsigned>(ceilDiv(total, 256)), 256, 0, stream>>>(
+                static_cast<__half const*>(p->bias), p->M, attrs.outFeatures, cRows);
+        }
+        CutlassLayout const L = cutlassLayout(attrs);
+        uint8_t const* cp = static_cast<uint8_t const*>(p->cutlass);
+        int32_t const e = cutlassGemm(aExt, cp + L.codes, cp + L.scales, cRows, p->y, p->M, attrs.outFeatures, kExt,
+            cutlassGroup(attrs), ws + plan.scratchOffset, static_cast<size_t>(kCutlassScratch), stream);
+        if (e != 0)
+        {
+            return fail(EORA_ERR_CUDA, "EoraLinear: CUTLASS GEMM failed: %s",
+                cudaGetErrorString(static_cast<cudaError_t>(e)));
+        }
+        return EORA_OK;
+    }
+
     if (plan.path == kPathSkinny)
     {
         PackedLayout const L = packedLayout(attrs);
@@ -1516,6 +1600,53 @@ extern "C" EORA_API int32_t eoraLinearPack(EoraLinearParams const* p, void* out,
     if (err != cudaSuccess)
     {
         return fail(EORA_ERR_CUDA, "eoraLinearPack: %s", cudaGetErrorString(err));
+    }
+    return EORA_OK;
+}
+
+extern "C" EORA_API size_t eoraLinearCutlassBytes(EoraLinearParams const* p)
+{
+    EoraAttrs attrs;
+    if (checkHeader(p, attrs) != EORA_OK || !cutlassBuilt() || !skinnyShapesOk(attrs))
+    {
+        return 0;
+    }
+    return static_cast<size_t>(cutlassLayout(attrs).totalBytes);
+}
+
+extern "C" EORA_API int32_t eoraLinearCutlassPack(EoraLinearParams const* p, void* out, cudaStream_t stream)
+{
+    EoraAttrs attrs;
+    int32_t const rc = checkHeader(p, attrs);
+    if (rc != EORA_OK)
+    {
+        return rc;
+    }
+    if (eoraLinearCutlassBytes(p) == 0)
+    {
+        return fail(EORA_ERR_INVALID, "eoraLinearCutlassPack: %s", cutlassBuilt() ? "these attributes have no CUTLASS "
+            "layout (those of the skinny path)" : "this library was built without CUTLASS (sm_90a + nvidia-cutlass)");
+    }
+    if (out == nullptr || !aligned16(out) || p->w == nullptr || p->wScale == nullptr
+        || (attrs.rank > 0 && (p->b == nullptr || p->bScale == nullptr)))
+    {
+        return fail(EORA_ERR_INVALID, "eoraLinearCutlassPack: needs a 16-byte aligned out, w, b and their scales");
+    }
+    CutlassLayout const L = cutlassLayout(attrs);
+    uint8_t* o = static_cast<uint8_t*>(out);
+    int64_t const K = attrs.inFeatures;
+    int64_t const kExt = K + attrs.rank;
+    int64_t const N = attrs.outFeatures;
+    cutlassCodesKernel<<<static_cast<unsigned>(ceilDiv(N * kExt / 2, 256)), 256, 0, stream>>>(
+        static_cast<uint8_t const*>(p->w), static_cast<uint8_t const*>(p->b), K, kExt, N, o + L.codes);
+    int64_t const groups = kExt / cutlassGroup(attrs);
+    cutlassScalesKernel<<<static_cast<unsigned>(ceilDiv(groups * N, 256)), 256, 0, stream>>>(attrs,
+        static_cast<__half const*>(p->wScale), static_cast<__half const*>(p->bScale), groups,
+        reinterpret_cast<__half*>(o + L.scales));
+    cudaError_t const err = cudaGetLastError();
+    if (err != cudaSuccess)
+    {
+        return fail(EORA_ERR_CUDA, "eoraLinearCutlassPack: %s", cudaGetErrorString(err));
     }
     return EORA_OK;
 }

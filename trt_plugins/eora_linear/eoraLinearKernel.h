@@ -24,7 +24,7 @@ extern "C" {
 #endif
 
 /* Bumped whenever EoraLinearParams changes; ctypes mirrors check it with eoraLinearParamsSize(). */
-#define EORA_PARAMS_VERSION 2
+#define EORA_PARAMS_VERSION 3
 
 /* Error codes of the C entry points (0 is success). */
 #define EORA_OK 0
@@ -48,7 +48,8 @@ typedef struct EoraLinearParams
     int32_t hasBias;
     /* 0 auto, 1 GEMV, 2 tensor core, 3 simple, 4 skinny (M <= 16 mma.sync on the packed copies; see eora::Path);
        shapes the fast paths cannot take always run the simple kernel, and skinny without packed copies (or
-       for shapes it cannot take) runs the GEMV. */
+       for shapes it cannot take) runs the GEMV. 5: CUTLASS (opt-in, sm_90a builds with CUTLASS; otherwise the
+       tensor-core path). */
     int32_t algo;
     /* Auto uses the GEMV for M <= gemvMaxM (0: the built-in default). A planning input: the plugin serializes
        it with the engine; the library reads no environment variable for it. */
@@ -67,6 +68,7 @@ typedef struct EoraLinearParams
     const void* bias;    /* fp16 [N] */
     const void* sparse;  /* compacted 2:4 weight from eoraSparse24Compact, or NULL (dense w is used) */
     const void* packed;  /* packed copies of w, a, b and their scales from eoraLinearPack, or NULL (no skinny path) */
+    const void* cutlass; /* K-major copy of [w ; b] + scales from eoraLinearCutlassPack, or NULL (algo 5 only) */
     void* y;             /* fp16 [M, N] */
     void* workspace;     /* eoraLinearWorkspaceSize bytes, any content */
     size_t workspaceBytes;
@@ -109,6 +111,13 @@ EORA_API size_t eoraLinearPackedBytes(const EoraLinearParams* p);
 
 /* Build the packed copies of p->w, p->a, p->b and their scales into out (eoraLinearPackedBytes) on stream. */
 EORA_API int32_t eoraLinearPack(const EoraLinearParams* p, void* out, cudaStream_t stream);
+
+/* Bytes of the CUTLASS path's copy ([w ; b] K-major + scales at one group size), or 0 when this library was built
+   without CUTLASS or the attributes do not allow the path (those of the skinny path). */
+EORA_API size_t eoraLinearCutlassBytes(const EoraLinearParams* p);
+
+/* Build that copy from p->w, p->b and their scales into out (eoraLinearCutlassBytes) on stream. */
+EORA_API int32_t eoraLinearCutlassPack(const EoraLinearParams* p, void* out, cudaStream_t stream);
 
 /* The last error message of this thread ("" if none). */
 EORA_API const char* eoraLastError(void);

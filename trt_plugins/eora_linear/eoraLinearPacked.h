@@ -197,6 +197,70 @@ EORA_HD PackedLayout packedLayout(EoraAttrs const& a)
     return l;
 }
 
+// ---------------------------------------------------------------------------------------------
+// The CUTLASS path's copy: W and B as one K-major INT4 matrix over the extended K
+// ---------------------------------------------------------------------------------------------
+//
+// CUTLASS's Hopper mixed-input GEMM wants the INT4 operand K-major: wt[n, kExt] for kExt in [0, K + r), two codes
+// per byte along kExt, low nibble first (cutlass::int4b_t), rows of (K + r) / 2 bytes; kExt < K is W's row kExt,
+// kExt >= K is B's row kExt - K. Its scales are one fp16 [(K + r) / g, N] matrix at one group size g: the gcd of
+// group_size and lowrank_group_size (both multiples of 64 on this path), W's and B's scales repeated as needed.
+
+EORA_HD int32_t gcd32(int32_t a, int32_t b)
+{
+    while (b != 0)
+    {
+        int32_t const t = a % b;
+        a = b;
+        b = t;
+    }
+    return a;
+}
+
+EORA_HD int32_t cutlassGroup(EoraAttrs const& a)
+{
+    return a.rank > 0 ? gcd32(a.groupSize, a.lowrankGroupSize) : a.groupSize;
+}
+
+struct CutlassLayout
+{
+    int64_t codes;
+    int64_t scales;
+    int64_t totalBytes;
+};
+
+EORA_HD CutlassLayout cutlassLayout(EoraAttrs const& a)
+{
+    int64_t const kExt = static_cast<int64_t>(a.inFeatures) + a.rank;
+    CutlassLayout l{};
+    l.codes = 0;
+    l.scales = alignUp(a.outFeatures * kExt / 2, 256);
+    l.totalBytes = l.scales + alignUp(kExt / cutlassGroup(a) * a.outFeatures * 2, 256);
+    return l;
+}
+
+//! Byte j of row n of the K-major copy, from W ([K, N/2] spec layout) and B ([r, N/2]).
+EORA_HD uint8_t cutlassCodeByte(uint8_t const* w, uint8_t const* b, int64_t K, int64_t N, int64_t n, int64_t j)
+{
+    uint32_t out = 0;
+    for (int32_t h = 0; h < 2; ++h)
+    {
+        int64_t const k = 2 * j + h;
+        uint8_t const* row = k < K ? w + k * (N / 2) : b + (k - K) * (N / 2);
+        uint32_t const byte = row[n >> 1];
+        out |= (((n & 1) ? (byte >> 4) : byte) & 0xFu) << (4 * h);
+    }
+    return static_cast<uint8_t>(out);
+}
+
+//! Index into W's (or, past K, B's) scale matrix of the copy's scale (kg, n); sets fromB.
+EORA_HD int64_t cutlassScaleSource(EoraAttrs const& a, int64_t kg, int64_t n, bool& fromB)
+{
+    int64_t const k = kg * cutlassGroup(a);
+    fromB = k >= a.inFeatures;
+    return fromB ? ((k - a.inFeatures) / a.lowrankGroupSize) * a.outFeatures + n : (k / a.groupSize) * a.outFeatures + n;
+}
+
 } // namespace eora
 
 #endif // EORA_LINEAR_PACKED_H

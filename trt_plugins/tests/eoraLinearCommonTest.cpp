@@ -18,6 +18,8 @@
  *   splitk n  n x (splits, tiles, launches, seed)  the split-K counter protocol, simulated
  *   packed K N G  <K*N codes> <K*N/2 packed bytes> <K/G*N scale bits> <K*N expected fp16 bits>
  *             the skinny path's packed layout: repack, decode as the kernel does, dequantize
+ *   cutlass K N r G LG  <W bytes> <B bytes> <W scale bits> <B scale bits> <expected K-major bytes> <expected scales>
+ *             the CUTLASS path's copy of [W ; B]
  */
 #include "eoraLinearCommon.h"
 #include "eoraLinearPacked.h"
@@ -663,6 +665,71 @@ void testPacked(std::istream& in)
     check(L.wScales >= K * N / 2 && L.totalBytes >= L.wScales + K / G * N * 2, "packedLayout sizes");
 }
 
+
+//! The CUTLASS path's copy: cutlassCodeByte / cutlassScaleSource (what its pack kernels run) against the
+//! Python-built expectation (pack_int4 of the transposed extended K; scales repeated to the gcd group).
+void testCutlass(std::istream& in)
+{
+    int32_t K;
+    int32_t N;
+    int32_t r;
+    int32_t G;
+    int32_t LG;
+    in >> K >> N >> r >> G >> LG;
+    auto readBytes = [&](size_t n) {
+        std::vector<uint8_t> v(n);
+        for (uint8_t& b : v)
+        {
+            int x;
+            in >> x;
+            b = static_cast<uint8_t>(x);
+        }
+        return v;
+    };
+    auto readHalves = [&](size_t n) {
+        std::vector<uint16_t> v(n);
+        for (uint16_t& h : v)
+        {
+            int x;
+            in >> x;
+            h = static_cast<uint16_t>(x);
+        }
+        return v;
+    };
+    std::vector<uint8_t> const w = readBytes(static_cast<size_t>(K) * N / 2);
+    std::vector<uint8_t> const b = readBytes(static_cast<size_t>(r) * N / 2);
+    std::vector<uint16_t> const ws = readHalves(static_cast<size_t>(K / G) * N);
+    std::vector<uint16_t> const bs = readHalves(r > 0 ? static_cast<size_t>(r / LG) * N : 0);
+    int64_t const kExt = static_cast<int64_t>(K) + r;
+    EoraAttrs a{K, N, r, 4, G, r > 0 ? 4 : 16, r > 0 ? LG : 0, 0, 0};
+    int32_t const gg = cutlassGroup(a);
+    std::vector<uint8_t> const wantCodes = readBytes(static_cast<size_t>(N * kExt / 2));
+    std::vector<uint16_t> const wantScales = readHalves(static_cast<size_t>(kExt / gg * N));
+    int bad = 0;
+    for (int64_t n = 0; n < N; ++n)
+    {
+        for (int64_t j = 0; j < kExt / 2; ++j)
+        {
+            bad += cutlassCodeByte(w.data(), b.data(), K, N, n, j) == wantCodes[static_cast<size_t>(n * (kExt / 2) + j)] ? 0 : 1;
+        }
+    }
+    check(bad == 0, "cutlassCodeByte gives pack_int4 of [W ; B]^T (" + std::to_string(bad) + " bad bytes)");
+    bad = 0;
+    for (int64_t kg = 0; kg < kExt / gg; ++kg)
+    {
+        for (int64_t n = 0; n < N; ++n)
+        {
+            bool fromB;
+            int64_t const src = cutlassScaleSource(a, kg, n, fromB);
+            uint16_t const got = fromB ? bs[static_cast<size_t>(src)] : ws[static_cast<size_t>(src)];
+            bad += got == wantScales[static_cast<size_t>(kg * N + n)] ? 0 : 1;
+        }
+    }
+    check(bad == 0, "cutlassScaleSource repeats W's and B's scales at the gcd group (" + std::to_string(bad) + " bad)");
+    CutlassLayout const L = cutlassLayout(a);
+    check(L.scales >= N * kExt / 2 && L.totalBytes >= L.scales + kExt / gg * N * 2, "cutlassLayout sizes");
+}
+
 } // namespace
 
 int main(int argc, char** argv)
@@ -720,6 +787,10 @@ int main(int argc, char** argv)
         else if (section == "packed")
         {
             testPacked(in);
+        }
+        else if (section == "cutlass")
+        {
+            testCutlass(in);
         }
         else
         {

@@ -1,20 +1,16 @@
 /*
- * eoraCutlassSm90Probe.cu: a COMPILE PROBE for the M > 16 path of EoraLinear, not part of the op yet.
+ * eoraLinearCutlassSm90.cu: the M > 16 GEMM of the opt-in CUTLASS path (kPathCutlass), for sm_90a.
  *
- * It instantiates the CUTLASS 3 Hopper mixed-input GEMM (example 55's "scale only" mode: INT4 weight upcast to
- * fp16 in registers, fp16 group scales, wgmma, TMA warp-specialized cooperative schedule) with the types the
- * op needs, and checks that CUDA 13 + CUTLASS 4.2 (pip nvidia-cutlass, headers under
- * cutlass_library/source/include and source/tools/util/include) compile it for sm_90a. Measured on the 2-core
- * CPU machine: about 80 s of wall time (33 s CPU). tests/test_plugin_cpu.py compiles it when nvidia-cutlass is
- * installed; CMake builds it with -DEORA_BUILD_CUTLASS_PROBE=ON.
- *
- * What wiring it into the op needs (see README, Known issues): W and B re-laid-out once per weights generation
- * into one K-major INT4 matrix [N, K + r] (the extended K) with scales at one group size (the gcd of
- * group_size and lowrank_group_size, a multiple of the 64-deep K tile; W's scales repeated), x and t
- * side by side in the workspace ([M, K + r]; the t kernel can write its columns directly), the bias through
- * the epilogue's C operand, a kPathCutlass in the planner and its workspace in the exact bound, and the GPU
- * tests. sm_80 has no CUTLASS kernel with group scales (TensorRT-LLM extends CUTLASS 2.x for that).
+ * CUTLASS 3's Hopper mixed-input GEMM (example 55, "scale only": the INT4 operand is upcast to fp16 in
+ * registers and multiplied by its fp16 group scale, then wgmma; TMA warp-specialized cooperative schedule).
+ * The INT4 operand must be K-major and pass through registers, so the problem is swapped: CUTLASS computes
+ * y^T[n, m] = W^T[n, k] x^T[k, m], whose column-major output is y row-major. The op's extended K
+ * ([x | t] . [W ; B]) reaches it as one K-major matrix [N, K + r] with scales at one group size, built by
+ * eoraLinearCutlassPack (eoraLinearKernel.cu). Compiles with CUDA 13.0 + nvidia-cutlass 4.2 in about 80 s on
+ * 2 cores. Not yet run on a GPU: the path is opt-in (algo 5) until the GPU check has measured it.
  */
+#include "eoraLinearCutlass.h"
+
 #include "cutlass/cutlass.h"
 #include "cute/tensor.hpp"
 #include "cutlass/gemm/device/gemm_universal_adapter.h"
@@ -59,18 +55,63 @@ using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder
 using GemmKernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, CollectiveMainloop, CollectiveEpilogue>;
 using Gemm = cutlass::gemm::device::GemmUniversalAdapter<GemmKernel>;
 
-//! The workspace CUTLASS asks for y[M, N] = x[M, K] . dequant(W) with group g; builds the Arguments exactly as
-//! the op would (swapped problem: CUTLASS computes y^T = W^T x^T so the INT4 operand goes through registers).
-extern "C" size_t eoraCutlassSm90ProbeWorkspace(int m, int n, int k, int g)
+namespace
 {
-    using StrideA = cutlass::detail::TagToStrideA_t<LayoutA>;
-    using StrideB = cutlass::detail::TagToStrideB_t<LayoutB>;
-    using StrideS = typename CollectiveMainloop::StrideScale;
+
+using StrideA = cutlass::detail::TagToStrideA_t<LayoutA>;
+using StrideB = cutlass::detail::TagToStrideB_t<LayoutB>;
+using StrideS = typename CollectiveMainloop::StrideScale;
+
+typename Gemm::Arguments argumentsOf(void const* a, void const* wt, void const* scales, void const* c, void* y,
+    int m, int n, int k, int g)
+{
     auto sA = cutlass::make_cute_packed_stride(StrideA{}, cute::make_shape(m, k, 1));
     auto sB = cutlass::make_cute_packed_stride(StrideB{}, cute::make_shape(n, k, 1));
     auto sS = cutlass::make_cute_packed_stride(StrideS{}, cute::make_shape(n, k / g, 1));
     auto sC = cutlass::make_cute_packed_stride(typename GemmKernel::StrideC{}, cute::make_shape(n, m, 1));
-    typename Gemm::Arguments args{cutlass::gemm::GemmUniversalMode::kGemm, {n, m, k, 1},
-        {nullptr, sB, nullptr, sA, nullptr, sS, g}, {{1.0f, 0.0f}, nullptr, sC, nullptr, sC}};
-    return Gemm::get_workspace_size(args);
+    auto sD = cutlass::make_cute_packed_stride(typename GemmKernel::StrideD{}, cute::make_shape(n, m, 1));
+    return typename Gemm::Arguments{cutlass::gemm::GemmUniversalMode::kGemm, {n, m, k, 1},
+        {static_cast<ElementB const*>(wt), sB, static_cast<ElementA const*>(a), sA,
+            static_cast<ElementScale const*>(scales), sS, g},
+        {{1.0f, c != nullptr ? 1.0f : 0.0f}, static_cast<ElementC const*>(c), sC, static_cast<ElementC*>(y), sD}};
 }
+
+} // namespace
+
+namespace eora
+{
+
+bool cutlassBuilt()
+{
+    return true;
+}
+
+size_t cutlassWorkspaceBytes(int64_t m, int64_t n, int64_t k, int32_t group)
+{
+    return Gemm::get_workspace_size(argumentsOf(nullptr, nullptr, nullptr, nullptr, nullptr, static_cast<int>(m),
+        static_cast<int>(n), static_cast<int>(k), group));
+}
+
+int32_t cutlassGemm(void const* a, void const* wt, void const* scales, void const* c, void* y, int64_t m, int64_t n,
+    int64_t k, int32_t group, void* scratch, size_t scratchBytes, cudaStream_t stream)
+{
+    auto args = argumentsOf(a, wt, scales, c, y, static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), group);
+    if (Gemm::get_workspace_size(args) > scratchBytes)
+    {
+        return static_cast<int32_t>(cudaErrorInvalidValue);
+    }
+    Gemm gemm;
+    if (gemm.can_implement(args) != cutlass::Status::kSuccess
+        || gemm.initialize(args, scratch, stream) != cutlass::Status::kSuccess)
+    {
+        return static_cast<int32_t>(cudaErrorInvalidValue);
+    }
+    if (gemm.run(stream) != cutlass::Status::kSuccess)
+    {
+        cudaError_t const err = cudaGetLastError();
+        return static_cast<int32_t>(err != cudaSuccess ? err : cudaErrorLaunchFailure);
+    }
+    return 0;
+}
+
+} // namespace eora
