@@ -135,7 +135,7 @@ def test_fast_path_within_1e4_of_exact_on_realistic_spectra():
     assert gram_root(gram, fast=True).kind == "cholesky"
     exact = weighted_error(delta, gram, *eora_factors(delta, gram, rank))
     fast = weighted_error(delta, gram, *eora_factors(delta, gram, rank, fast=True))
-    assert exact <= fast <= exact * (1 + 1e-4)
+    assert exact * (1 - 1e-12) <= fast <= exact * (1 + 1e-4)
 
 
 def test_fast_path_falls_back_to_eigen_when_singular():
@@ -187,3 +187,38 @@ def test_triangular_product_equals_the_dense_one(dtype):
     got = times_lower_triangular(a, lower)
     assert got.dtype == dtype and got.shape == (37, n)
     torch.testing.assert_close(got, a @ lower, rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=1e-4 if dtype == torch.float32 else 1e-10)
+
+
+def _hard_case(dim: int, tokens: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Issue 18's hard case, scaled down: RTN INT4 g128 error of a random layer under a
+    log-spaced 1 → 1e-3 activation spectrum with 8 outlier channels ×30, randomly rotated
+    (tools/bench_eora_fast.py builds the same at 4096²)."""
+    from eora_export.quant import quantize
+
+    g = torch.Generator().manual_seed(seed)
+    spectrum = torch.logspace(0, -3, dim, dtype=torch.float64)
+    spectrum[torch.randperm(dim, generator=g)[:8]] *= 30
+    rot = torch.linalg.qr(torch.randn(dim, dim, generator=g, dtype=torch.float64)).Q
+    x = (torch.randn(tokens, dim, generator=g, dtype=torch.float64) * spectrum) @ rot
+    w = torch.randn(dim, dim, generator=g) / dim**0.5
+    return (w - quantize(w, 4, 128).dequantize()).double(), x.T @ x / tokens
+
+
+def test_fast_path_within_1e4_on_a_flat_tail_spectrum():
+    """The randomized top-r SVD must not stop early where σ_r ≈ σ_{r+1} (issue 18: plain
+    subspace iteration landed 7e-3 above the optimum on this kind of spectrum)."""
+    from eora_export.compensate import eora as eora_math
+
+    dim, rank = 1024, 48
+    delta, gram = _hard_case(dim, 2 * dim)
+    assert eora_math._krylov_pays(rank, (dim, dim))  # the randomized path runs, not the full-SVD fallback
+    torch.manual_seed(0)
+    s = torch.linalg.svdvals(gram_root(gram).whiten(delta))
+    assert s[rank - 1] / s[rank] < 1.02  # a flat tail: what makes it hard
+    optimum = float((s[rank:] ** 2).sum())
+    fast = weighted_error(delta, gram, *eora_factors(delta, gram, rank, fast=True))
+    assert optimum * (1 - 1e-9) <= fast <= optimum * (1 + 1e-4)
+    # The plain SVD baseline's fast path uses the same iteration.
+    sv = torch.linalg.svdvals(delta)
+    b, a = svd_factors(delta, rank, fast=True)
+    assert float(torch.linalg.matrix_norm(delta - b @ a) ** 2) <= float((sv[rank:] ** 2).sum()) * (1 + 1e-4)

@@ -63,6 +63,14 @@ def quantize_factors(b: Tensor, a: Tensor, bits: int, group: int) -> tuple[Quant
     return quantize(b.float(), bits, group), quantize(a.float(), bits, group)
 
 
+def factor_module(cl, b: Tensor, a: Tensor, cfg: CompensationConfig, bias: Tensor | None) -> EoraLinear:
+    """EoraLinear of a CompressedLinear ``cl`` plus factors b [out, r], a [r, in] stored at cfg.lowrank_bits."""
+    rank, in_f = a.shape
+    group = 0 if cfg.lowrank_bits == 16 else lowrank_group(rank, in_f, cfg.lowrank_group_size)
+    bq, aq = quantize_factors(b, a, cfg.lowrank_bits, group)
+    return EoraLinear(cl.weight, aq, bq, bias=bias, sparse24=cl.sparse24)
+
+
 def compensate_layers(
     compressed: dict,
     grams: GramStore,
@@ -107,9 +115,7 @@ def compensate_layers(
             b, a = eora_factors_from_whitened(m, root, rank) if cfg.fast else eora_factors_from_root(delta, root, rank)
         else:
             b, a = svd_factors(delta, rank, fast=cfg.fast)
-        group = 0 if cfg.lowrank_bits == 16 else lowrank_group(rank, in_f, cfg.lowrank_group_size)
-        bq, aq = quantize_factors(b, a, cfg.lowrank_bits, group)
-        module = EoraLinear(cl.weight, aq, bq, bias=biases.get(name), sparse24=cl.sparse24)
+        module = factor_module(cl, b, a, cfg, biases.get(name))
         if cfg.fast:
             after = whitened_error(m, root32, module.b, module.a)
         else:

@@ -1,0 +1,355 @@
+"""Error-feedback EoRA: compensate a layer against the FP model's outputs, from the inputs the
+compressed (and already compensated) upstream layers actually produce.
+
+Plain EoRA fits ΔW = W − W_c on the FP inputs X (G = X Xᵀ / N) and ignores that, once the
+upstream layers are compressed, the layer sees other inputs X_c. Error feedback minimises
+
+    ‖W X_fp − (W_c + B A) X_c‖²_F / N      (X_fp, X_c: [in, N], the same N tokens)
+
+over rank-r B A. With G_c = X_c X_cᵀ / N and the cross-Gram C = X_fp X_cᵀ / N the
+unconstrained minimiser is M* = W C G_c⁺ − W_c, and for any M the objective splits
+(Pythagoras: the residual of M* is orthogonal to the rows of X_c) as
+
+    f(M) = f(M*) + tr((M* − M) G_c (M* − M)ᵀ),
+
+so the rank-r problem is plain EoRA on the effective error ΔW_eff = W C G_c⁺ − W_c in the
+G_c metric. With a root G_c = R Rᵀ, ΔW_eff R = W C R⁺ᵀ − W_c R: the pseudo-inverse only
+ever divides by the root's kept √λ (same eps rule as :func:`eora.gram_root`), never by an
+unchecked eigenvalue. When X_c = X_fp (C = G_c) this is exactly EoRA on W − W_c.
+
+``shrink`` (0 ≤ s ≤ 1) blends the target toward plain EoRA: ΔW_s = (1 − s) ΔW_eff + s ΔW
+(both in the G_c metric). s = 0 is full feedback; the driver in tools/ measures it.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..models import set_module
+from ..modules import EoraLinear
+from .apply import CompensationConfig, LayerResult, factor_module, swapped
+from .eora import GramRoot, _check_rank, check_finite, eora_factors_from_whitened, gram_root
+
+DEFAULT_DAMP = 0.01  # ridge of the feedback regression, in units of mean(diag G_c); see feedback_target
+
+
+def whiten_pinv(x: Tensor, root: GramRoot) -> Tensor:
+    """``x: [out, in]`` -> x R⁺ᵀ ``[out, k]`` (so that (x G⁺) R = x R⁺ᵀ for G = R Rᵀ).
+
+    Eigen root R = Q_k √Λ_k: x Q_k / √λ_k (only kept eigenvalues are divided by).
+    Cholesky root R = L: x L⁻ᵀ by a triangular solve.
+    """
+    if root.chol is not None:
+        # x L⁻ᵀ = (L⁻¹ xᵀ)ᵀ
+        return torch.linalg.solve_triangular(root.chol, x.T, upper=False).T
+    return (x @ root.basis) / root.sqrt_eig
+
+
+@dataclass(frozen=True)
+class FeedbackTarget:
+    """The whitened effective error of one layer and the objective's constant part.
+
+    m_star: M* R = ΔW_eff R ``[out, k]`` float64 (the exact objective's optimum, whitened);
+    m: the matrix whose top-r SVD gives the factors (= m_star unless shrunk);
+    before: f(0) = ‖W X_fp − W_c X_c‖² / N; floor: f(M*), the best any full-rank
+    correction on X_c reaches.
+    """
+
+    m_star: Tensor
+    m: Tensor
+    root: GramRoot
+    before: float
+    floor: float  # nan with damping (then f(M*) is not the undamped objective's minimum)
+    p: Tensor  # P = W C − W_c G_c [out, in]
+    gram_c: Tensor  # [in, in]
+
+
+def feedback_target(
+    w: Tensor, w_c: Tensor, gram_fp: Tensor, cross: Tensor, gram_c: Tensor,
+    root: GramRoot | None = None, shrink: float = 0.0, damp: float = 0.0,
+) -> FeedbackTarget:
+    """Whitened effective error for error-feedback EoRA.
+
+    w: FP weight [out, in]; w_c: compressed weight [out, in]; gram_fp = X_fp X_fpᵀ / N,
+    cross = X_fp X_cᵀ / N, gram_c = X_c X_cᵀ / N, all [in, in] over the same tokens.
+    damp: ridge δ = damp · mean(diag G_c): minimise f(M) + δ‖M‖²_F, i.e. EoRA in the metric
+    G_c + δI on ΔW_eff = (W C − W_c G_c)(G_c + δI)⁻¹. Without it the regression W C G_c⁺
+    follows directions the calibration barely excites (tiny λ), its factors get huge entries
+    there and 4-bit factor quantization wrecks them (measured on the demo: worse than EoRA).
+    root: a precomputed root of G_c + δI (share it between Linears reading the same input).
+    """
+    if not 0.0 <= shrink <= 1.0:
+        raise ValueError(f"shrink must be in [0, 1], got {shrink}")
+    if damp < 0:
+        raise ValueError(f"damp must be ≥ 0, got {damp}")
+    for t, what in ((w, "FP weight"), (w_c, "compressed weight"), (cross, "cross-Gram")):
+        check_finite(t, what)
+    w, w_c = w.to(torch.float64), w_c.to(torch.float64)
+    gram_fp, cross, gram_c = (g.to(torch.float64) for g in (gram_fp, cross, gram_c))
+    root = root if root is not None else gram_root(damped(gram_c, damp))
+    w_cross = w @ cross  # W C [out, in]
+    p = w_cross - w_c @ gram_c  # Y X_cᵀ / N: the objective's linear term
+    m_star = whiten_pinv(p, root)
+    m = m_star if not shrink else (1.0 - shrink) * m_star + shrink * root.whiten(w - w_c)
+    # f(0) = tr(W G_fp Wᵀ) − 2 tr(W C W_cᵀ) + tr(W_c G_c W_cᵀ)
+    before = float(((w @ gram_fp) * w).sum() - 2 * (w_cross * w_c).sum() + ((w_c @ gram_c) * w_c).sum())
+    floor = before - float((m_star * m_star).sum()) if not damp else float("nan")
+    return FeedbackTarget(m_star, m, root, max(before, 0.0), floor, p, gram_c)
+
+
+def damped(gram: Tensor, damp: float) -> Tensor:
+    """G + δI with δ = damp · mean(diag G) ([in, in] float64)."""
+    if not damp:
+        return gram
+    g = gram.to(torch.float64, copy=True)
+    g.diagonal().add_(damp * float(g.diagonal().mean()))
+    return g
+
+
+def feedback_error(t: FeedbackTarget, b: Tensor | None = None, a: Tensor | None = None) -> float:
+    """f(B A) = ‖W X_fp − (W_c + B A) X_c‖² / N for b [out, r], a [r, in] (the undamped objective):
+    f(0) − 2⟨B A, P⟩ + tr(B A G_c Aᵀ Bᵀ), P = W C − W_c G_c; costs r · in · (out + in)."""
+    if b is None:
+        return t.before
+    b, a = b.to(torch.float64), a.to(torch.float64)
+    linear = float(((b.T @ t.p) * a).sum())
+    quad = float(((a @ t.gram_c @ a.T) * (b.T @ b)).sum())
+    return t.before - 2 * linear + quad
+
+
+def feedback_factors(
+    w: Tensor, w_c: Tensor, gram_fp: Tensor, cross: Tensor, gram_c: Tensor, rank: int,
+    root: GramRoot | None = None, fast: bool = False, shrink: float = 0.0, damp: float = 0.0,
+) -> tuple[Tensor, Tensor, FeedbackTarget]:
+    """Rank-``rank`` B [out, rank], A [rank, in] (float64) minimising ‖W X_fp − (W_c + BA) X_c‖²/N
+    (shrink = 0), plus the target to measure any factors with (:func:`feedback_error`).
+    """
+    _check_rank(w, rank)
+    t = feedback_target(w, w_c, gram_fp, cross, gram_c, root, shrink, damp)
+    b, a = eora_factors_from_whitened(t.m, t.root, rank, fast=fast)
+    return b, a, t
+
+
+# --------------------------------------------------------------------------------------
+# The walk: layer groups in forward order, each fitted on the inputs its compensated
+# upstream produces.
+# --------------------------------------------------------------------------------------
+
+
+class _StopForward(Exception):
+    """Raised by a hook once the inputs of the group being fitted are seen (the rest of the
+    forward cannot change them)."""
+
+
+class PairedInputs:
+    """Forward pre-hooks that accumulate G_fp, C = X_fp X_cᵀ and G_c over the same tokens.
+
+    ``fp_mods`` / ``c_mods``: one module per shared-input key (any Linear reading it), in the
+    FP and in the compressed model. Per batch run the FP forward first (it stores X_fp), then
+    the compressed one on the same ids (it accumulates). ``stop``: abort each forward once
+    every key has been seen in it, so a walk over a deep model does not pay full forwards.
+    """
+
+    def __init__(self, fp_mods: dict[str, torch.nn.Module], c_mods: dict[str, torch.nn.Module], stop: bool = True) -> None:
+        self.keys = list(fp_mods)
+        self.fp_mods, self.c_mods, self.stop = fp_mods, c_mods, stop
+        n = {k: m.in_features if hasattr(m, "in_features") else m.weight.shape[1] for k, m in fp_mods.items()}
+        self.gram_fp = {k: torch.zeros(n[k], n[k], dtype=torch.float64) for k in self.keys}
+        self.cross = {k: torch.zeros(n[k], n[k], dtype=torch.float64) for k in self.keys}
+        self.gram_c = {k: torch.zeros(n[k], n[k], dtype=torch.float64) for k in self.keys}
+        self.tokens = 0
+        self._x_fp: dict[str, Tensor] = {}
+        self._seen: set[str] = set()
+
+    def _hook(self, key: str, side: str):
+        def hook(_m: torch.nn.Module, args: tuple) -> None:
+            flat = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64)
+            if side == "fp":
+                self._x_fp[key] = flat
+                self.gram_fp[key].addmm_(flat.T, flat)
+            else:
+                x_fp = self._x_fp.pop(key)
+                if x_fp.shape != flat.shape:
+                    raise RuntimeError(f"feedback: FP and compressed inputs of {key} differ in shape")
+                self.cross[key].addmm_(x_fp.T, flat)
+                self.gram_c[key].addmm_(flat.T, flat)
+            self._seen.add(key)
+            if self.stop and len(self._seen) == len(self.keys):
+                raise _StopForward
+
+        return hook
+
+    def run(self, forward_fp, forward_c, batches) -> None:
+        """``forward_fp(batch)``, ``forward_c(batch)`` for every batch, hooks attached."""
+        handles = [m.register_forward_pre_hook(self._hook(k, "fp")) for k, m in self.fp_mods.items()]
+        handles += [m.register_forward_pre_hook(self._hook(k, "c")) for k, m in self.c_mods.items()]
+        try:
+            for batch in batches:
+                for fwd in (forward_fp, forward_c):
+                    self._seen.clear()
+                    try:
+                        fwd(batch)
+                    except _StopForward:
+                        pass
+                self.tokens += _batch_tokens(batch)
+        finally:
+            for h in handles:
+                h.remove()
+            self._x_fp.clear()
+
+    def grams(self, key: str) -> tuple[Tensor, Tensor, Tensor]:
+        """(G_fp, C, G_c) per token for one key, [in, in] float64."""
+        n = max(self.tokens, 1)
+        return self.gram_fp[key] / n, self.cross[key] / n, self.gram_c[key] / n
+
+
+def _batch_tokens(batch: Tensor) -> int:
+    return int(batch.shape[0] * batch.shape[1]) if batch.ndim >= 2 else int(batch.numel())
+
+
+@torch.no_grad()
+def feedback_walk(
+    units: list[list[str]],
+    compressed: dict,
+    fp_modules: dict[str, torch.nn.Module],
+    c_module: Callable[[str], torch.nn.Module],
+    install: Callable[[str, torch.nn.Module], None],
+    forward_fp: Callable[[Tensor], object],
+    forward_c: Callable[[Tensor], object],
+    batches: Callable[[], Iterable[Tensor]],
+    cfg: CompensationConfig,
+    biases: dict[str, Tensor | None] | None = None,
+    shrink: float = 0.0,
+    damp: float = DEFAULT_DAMP,
+) -> dict[str, LayerResult]:
+    """Error-feedback EoRA over ``units`` in forward order.
+
+    units: lists of Linear names fitted together from one pass (a shared-input group such as
+    q/k/v, or a whole block); every unit sees the inputs produced by the compressed model with
+    all earlier units already compensated (``install`` puts each EoraLinear into the model
+    that ``forward_c`` runs, ``c_module(name)`` is what is installed there now).
+    compressed[name]: CompressedLinear (``weight`` [out, in], ``reference`` = W).
+    forward_fp / forward_c: run one calibration batch through the FP / compressed model (or
+    block); batches(): the calibration batches, the same for both.
+    """
+    biases = biases or {}
+    results: dict[str, LayerResult] = {}
+    for unit in units:
+        # One hooked module per distinct input tensor: Linears reading the same input share
+        # G_fp, C, G_c (found by identity, as calibration.GramCollector does).
+        keys = _shared_inputs(unit, fp_modules, forward_fp, next(iter(batches())))
+        paired = PairedInputs({k: fp_modules[k] for k in keys}, {k: c_module(k) for k in keys})
+        paired.run(forward_fp, forward_c, batches())
+        for key, names in keys.items():
+            gram_fp, cross, gram_c = paired.grams(key)
+            root = gram_root(damped(gram_c, damp), fast=cfg.fast)
+            for name in names:
+                cl = compressed[name]
+                w, w_c = cl.reference.double(), cl.weight.dequantize().double()
+                rank = min(cfg.rank, *w.shape)
+                b, a, target = feedback_factors(w, w_c, gram_fp, cross, gram_c, rank, root, cfg.fast, shrink, damp)
+                module = factor_module(cl, b, a, cfg, biases.get(name))
+                after = feedback_error(target, module.b.double(), module.a.double())
+                results[name] = LayerResult(module, rank, target.before, after)
+        for name in unit:
+            install(name, results[name].module)
+    return results
+
+
+@torch.no_grad()
+def _shared_inputs(
+    unit: list[str], fp_modules: dict[str, torch.nn.Module], forward_fp: Callable[[Tensor], object], batch: Tensor
+) -> dict[str, list[str]]:
+    """Group ``unit``'s Linears by the tensor they read (one FP forward of ``batch``)."""
+    seen: dict[int, tuple[Tensor, str]] = {}
+    owner: dict[str, str] = {}
+
+    def hook_for(name: str):
+        def hook(_m: torch.nn.Module, args: tuple) -> None:
+            x = args[0]
+            hit = seen.get(id(x))
+            owner[name] = hit[1] if hit is not None and hit[0] is x else name
+            if hit is None:
+                seen[id(x)] = (x, name)
+            if len(owner) == len(unit):
+                raise _StopForward
+
+        return hook
+
+    handles = [fp_modules[n].register_forward_pre_hook(hook_for(n)) for n in unit]
+    try:
+        forward_fp(batch)
+    except _StopForward:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [n for n in unit if n not in owner]
+    if missing:
+        raise RuntimeError(f"feedback: {missing[0]} was not called by the forward")
+    groups: dict[str, list[str]] = {}
+    for name in unit:
+        groups.setdefault(owner[name], []).append(name)
+    return groups
+
+
+FEEDBACK_UNITS = ("input", "block")
+
+
+def walk_units(names: list[str], unit: str, owner: dict[str, str]) -> list[list[str]]:
+    """Split ``names`` (model order) into the walk's units.
+
+    "input": the Linears reading one input tensor (``owner``: name -> shared-input key, e.g.
+    GramStore.owner): q/k/v, then o, then gate/up, then down, so each sublayer sees its
+    compensated predecessors. "block": one unit per decoder block (``.layers.N.``).
+    """
+    if unit not in FEEDBACK_UNITS:
+        raise ValueError(f"unknown feedback unit {unit!r}; use one of {FEEDBACK_UNITS}")
+    units: dict[str, list[str]] = {}
+    for name in names:
+        key = owner.get(name, name) if unit == "input" else _block_of(name)
+        units.setdefault(key, []).append(name)
+    return list(units.values())
+
+
+def _block_of(name: str) -> str:
+    m = re.search(r"(^|\.)layers\.(\d+)\.", name)
+    return m.group(0) if m else name
+
+
+def feedback_compensate_model(
+    model: torch.nn.Module,
+    compressed: dict,
+    owner: dict[str, str],
+    calib: Tensor,
+    cfg: CompensationConfig,
+    biases: dict[str, Tensor | None] | None = None,
+    batch_size: int = 8,
+    unit: str = "input",
+    shrink: float = 0.0,
+    damp: float = DEFAULT_DAMP,
+) -> dict[str, LayerResult]:
+    """Error-feedback EoRA for a whole in-memory model (the pipeline's ``--method eora-fb``).
+
+    model: the compressed model *before* any swap, whose target Linears still hold the
+    reference weights (``compress_model``'s contract; with AWQ those are the folded weights),
+    so a deep copy of it is the FP reference whose Linear inputs match ``reference``.
+    calib: [n, seq] token windows; owner: GramStore.owner (shared inputs, model order).
+    The model is returned unchanged; the results hold the EoraLinear modules.
+    """
+    fp = copy.deepcopy(model)
+    fp_linears = {n: fp.get_submodule(n) for n in compressed}
+    plain = {n: EoraLinear(c.weight, bias=(biases or {}).get(n), sparse24=c.sparse24) for n, c in compressed.items()}
+    with swapped(model, plain):
+        return feedback_walk(
+            walk_units(list(compressed), unit, owner), compressed, fp_linears, model.get_submodule,
+            lambda n, m: set_module(model, n, m), fp, model,
+            lambda: [calib[i : i + batch_size] for i in range(0, calib.shape[0], batch_size)],
+            cfg, biases, shrink, damp,
+        )

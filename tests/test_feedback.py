@@ -1,0 +1,140 @@
+"""Error-feedback EoRA: the closed form is optimal, reduces to EoRA, and the walk feeds errors forward."""
+
+import pytest
+import torch
+from torch import nn
+
+from eora_export.calibration import collect_grams
+from eora_export.compensate.apply import CompensationConfig, compensate_layers
+from eora_export.compensate.eora import eora_factors, weighted_error
+from eora_export.compensate.feedback import feedback_error, feedback_factors, feedback_target, feedback_walk, walk_units
+from eora_export.compress import CompressConfig, compress_model
+from eora_export.models import set_module
+from eora_export.modules import EoraLinear
+
+F64 = torch.float64
+
+
+def _case(n: int, d_in: int = 32, d_out: int = 24, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(d_out, d_in, generator=g, dtype=F64)
+    w_c = w + 0.2 * torch.randn(d_out, d_in, generator=g, dtype=F64)
+    x_fp = torch.randn(d_in, n, generator=g, dtype=F64) * torch.logspace(0, -2, d_in, dtype=F64)[:, None]
+    # The compressed upstream distorts the inputs: a linear drift plus noise.
+    x_c = x_fp + 0.1 * torch.randn(d_in, d_in, generator=g, dtype=F64) @ x_fp + 0.02 * torch.randn(d_in, n, generator=g, dtype=F64)
+    return w, w_c, x_fp, x_c
+
+
+def _grams(x_fp, x_c):
+    n = x_fp.shape[1]
+    return x_fp @ x_fp.T / n, x_fp @ x_c.T / n, x_c @ x_c.T / n
+
+
+def _objective(w, w_c, x_fp, x_c, m):
+    return float(((w @ x_fp - (w_c + m) @ x_c) ** 2).sum() / x_fp.shape[1])
+
+
+@pytest.mark.parametrize("n", [2000, 20], ids=["full-rank", "rank-deficient"])
+def test_closed_form_is_optimal_against_random_rank_r_candidates(n):
+    w, w_c, x_fp, x_c = _case(n)
+    rank = 4
+    b, a, t = feedback_factors(w, w_c, *_grams(x_fp, x_c), rank)
+    assert torch.isfinite(b).all() and torch.isfinite(a).all()
+    best = _objective(w, w_c, x_fp, x_c, b @ a)
+    # The cheap metrics equal the objective computed from the data.
+    assert t.before == pytest.approx(_objective(w, w_c, x_fp, x_c, 0 * w), rel=1e-9)
+    assert feedback_error(t, b, a) == pytest.approx(best, rel=1e-9, abs=1e-12)
+    assert best < t.before
+    g = torch.Generator().manual_seed(7)
+    for _ in range(50):
+        cb = torch.randn(*b.shape, generator=g, dtype=F64)
+        ca = torch.randn(*a.shape, generator=g, dtype=F64) * 0.1
+        assert _objective(w, w_c, x_fp, x_c, cb @ ca) >= best
+        eps = 1e-3  # rank-r perturbations of the optimum do not improve it
+        assert _objective(w, w_c, x_fp, x_c, (b + eps * cb) @ (a + eps * ca)) >= best - 1e-9 * best
+
+
+def test_feedback_beats_plain_eora_on_its_objective():
+    w, w_c, x_fp, x_c = _case(2000)
+    grams = _grams(x_fp, x_c)
+    b, a, _ = feedback_factors(w, w_c, *grams, 4)
+    be, ae = eora_factors(w - w_c, grams[0], 4)
+    assert _objective(w, w_c, x_fp, x_c, b @ a) < _objective(w, w_c, x_fp, x_c, be @ ae)
+
+
+def test_reduces_to_plain_eora_when_inputs_agree():
+    w, w_c, x_fp, _ = _case(2000)
+    grams = _grams(x_fp, x_fp)
+    b, a, t = feedback_factors(w, w_c, *grams, 6)
+    be, ae = eora_factors(w - w_c, grams[0], 6)
+    assert torch.allclose(b @ a, be @ ae, atol=1e-10)
+    assert feedback_error(t, b, a) == pytest.approx(weighted_error(w - w_c, grams[0], be, ae), rel=1e-9)
+
+
+def test_shrink_one_is_plain_eora_in_the_compressed_metric():
+    w, w_c, x_fp, x_c = _case(2000)
+    gram_fp, cross, gram_c = _grams(x_fp, x_c)
+    t = feedback_target(w, w_c, gram_fp, cross, gram_c, shrink=1.0)
+    b, a, _ = feedback_factors(w, w_c, gram_fp, cross, gram_c, 5, shrink=1.0)
+    be, ae = eora_factors(w - w_c, gram_c, 5)
+    assert torch.allclose(b @ a, be @ ae, atol=1e-10)
+    assert t.floor <= feedback_error(t, b, a)
+    with pytest.raises(ValueError, match="shrink"):
+        feedback_target(w, w_c, gram_fp, cross, gram_c, shrink=1.5)
+
+
+class _Toy(nn.Module):
+    """Two blocks of (shared-input pair, then one Linear): enough for units and shared inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        self.layers = nn.ModuleList()
+        for _ in range(2):
+            blk = nn.Module()
+            blk.up = nn.Linear(32, 64, bias=False)
+            blk.gate = nn.Linear(32, 64, bias=False)
+            blk.down = nn.Linear(64, 32, bias=False)
+            for lin in (blk.up, blk.gate, blk.down):
+                lin.weight.data = torch.randn(lin.weight.shape, generator=g) / lin.in_features**0.5
+            self.layers.append(blk)
+
+    def forward(self, x):
+        for blk in self.layers:
+            x = x + blk.down(torch.nn.functional.silu(blk.gate(x)) * blk.up(x))
+        return x
+
+
+def test_walk_first_unit_is_plain_eora_and_later_units_use_feedback():
+    torch.manual_seed(0)
+    fp = _Toy().eval()
+    c = _Toy().eval()
+    c.load_state_dict(fp.state_dict())
+    lin = {n: m for n, m in fp.named_modules() if isinstance(m, nn.Linear)}
+    calib = torch.randn(64, 16, 32)
+    grams = collect_grams(fp, lin, calib, 8, False)
+    assert grams.owner["layers.0.gate"] == grams.owner["layers.0.up"]
+    compressed = compress_model(c, {n: c.get_submodule(n) for n in lin}, grams, CompressConfig(quant="rtn", bits=3, group_size=32), calib)
+    cfg = CompensationConfig(rank=4, lowrank_bits=16)
+    units = walk_units(list(compressed), "input", grams.owner)
+    assert units == [["layers.0.up", "layers.0.gate"], ["layers.0.down"], ["layers.1.up", "layers.1.gate"], ["layers.1.down"]]
+    assert walk_units(list(compressed), "block", grams.owner) == [units[0] + units[1], units[2] + units[3]]
+    for n, cl in compressed.items():
+        set_module(c, n, EoraLinear(cl.weight, sparse24=cl.sparse24))
+    batches = lambda: [calib[i : i + 8] for i in range(0, 64, 8)]  # noqa: E731
+    res = feedback_walk(units, compressed, lin, c.get_submodule, lambda n, m: set_module(c, n, m), fp, c, batches, cfg, damp=0.0)
+    plain = compensate_layers(compressed, grams, CompensationConfig(method="eora", rank=4, lowrank_bits=16), progress=False)
+    # The first unit sees exactly the FP inputs: plain EoRA.
+    for n in units[0]:
+        assert torch.allclose(res[n].module.residual_weight(), plain[n].module.residual_weight(), atol=1e-5)
+    for n, r in res.items():
+        assert r.error_after < r.error_before
+        assert isinstance(c.get_submodule(n), EoraLinear) and c.get_submodule(n).rank == 4
+    # End to end on the calibration data, feedback lands closer to the FP outputs than plain EoRA.
+    with torch.no_grad():
+        ref = fp(calib)
+        fb_err = float(((c(calib) - ref) ** 2).mean())
+        for n, r in plain.items():
+            set_module(c, n, r.module)
+        eora_err = float(((c(calib) - ref) ** 2).mean())
+    assert fb_err < eora_err
