@@ -138,3 +138,34 @@ def test_walk_first_unit_is_plain_eora_and_later_units_use_feedback():
             set_module(c, n, r.module)
         eora_err = float(((c(calib) - ref) ** 2).mean())
     assert fb_err < eora_err
+
+
+def test_walk_takes_per_layer_ranks_and_damping_keeps_factors_tame():
+    torch.manual_seed(1)
+    fp = _Toy().eval()
+    c = _Toy().eval()
+    c.load_state_dict(fp.state_dict())
+    lin = {n: m for n, m in fp.named_modules() if isinstance(m, nn.Linear)}
+    calib = torch.randn(32, 16, 32)
+    grams = collect_grams(fp, lin, calib, 8, False)
+    compressed = compress_model(c, {n: c.get_submodule(n) for n in lin}, grams, CompressConfig(quant="rtn", bits=3, group_size=32), calib)
+    for n, cl in compressed.items():
+        set_module(c, n, EoraLinear(cl.weight, sparse24=cl.sparse24))
+    ranks = dict.fromkeys(compressed, 8) | {"layers.0.down": 0, "layers.1.up": 16}
+    batches = lambda: [calib[i : i + 8] for i in range(0, 32, 8)]  # noqa: E731
+    res = feedback_walk(walk_units(list(compressed), "input", grams.owner), compressed, lin, c.get_submodule,
+                        lambda n, m: set_module(c, n, m), fp, c, batches, CompensationConfig(rank=4, lowrank_bits=16), ranks=ranks)
+    assert {n: r.rank for n, r in res.items()} == ranks
+    assert res["layers.0.down"].module.rank == 0 and res["layers.0.down"].error_after == res["layers.0.down"].error_before
+
+
+def test_damping_is_a_ridge_that_shrinks_the_regression():
+    """δ > 0 minimises f(M) + δ‖M‖²: the factors shrink and the undamped objective rises only a little."""
+    w, w_c, x_fp, x_c = _case(60, d_in=32)
+    x_c[-4:] *= 1e-4  # directions the compressed inputs barely excite: the raw regression blows up there
+    grams = _grams(x_fp, x_c)
+    b0, a0, t0 = feedback_factors(w, w_c, *grams, 4)
+    b1, a1, t1 = feedback_factors(w, w_c, *grams, 4, damp=0.01)
+    assert float((b1 @ a1).norm()) < float((b0 @ a0).norm())
+    assert feedback_error(t0, b0, a0) <= feedback_error(t0, b1, a1) < t0.before
+    assert feedback_error(t1, b1, a1) == pytest.approx(_objective(w, w_c, x_fp, x_c, b1 @ a1), rel=1e-9)

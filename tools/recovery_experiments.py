@@ -106,11 +106,16 @@ def main() -> None:
         elif method in ("none", "svd", "eora"):
             res = compensate_layers(compressed, grams, CompensationConfig(**{**cfg.__dict__, "method": method}), biases, False)
         elif method.startswith("eora-fb"):
-            # eora-fb[-block][@shrink][~damp]
+            # eora-fb[-block|-budget][@shrink][~damp]; -budget: ranks allocated as eora-budget, then the walk.
             spec, _, shrink = spec.partition("@")
             unit = "block" if spec.endswith("-block") else "input"
+            ranks = None
+            if spec.endswith("-budget"):
+                budget = budget_bytes(compressed, cfg, "rank", cfg.rank)
+                _, ranks = budget_compensate(compressed, grams, collect_grams(fp_model, linears, val, 8, False), cfg,
+                                             budget, biases)
             res = feedback_compensate_model(c_model, compressed, grams.owner, calib, cfg, biases, 8, unit,
-                                            float(shrink or 0), damp)
+                                            float(shrink or 0), damp, ranks)
         elif spec.startswith("eora-budget"):
             # eora-budget[-rel]: the bytes of uniform --rank EoRA, spread by validation gain per byte.
             res = run_budget(compressed, grams, collect_grams(fp_model, linears, val, 8, False), cfg, biases,

@@ -227,6 +227,7 @@ def feedback_walk(
     biases: dict[str, Tensor | None] | None = None,
     shrink: float = 0.0,
     damp: float = DEFAULT_DAMP,
+    ranks: dict[str, int] | None = None,
 ) -> dict[str, LayerResult]:
     """Error-feedback EoRA over ``units`` in forward order.
 
@@ -236,7 +237,8 @@ def feedback_walk(
     that ``forward_c`` runs, ``c_module(name)`` is what is installed there now).
     compressed[name]: CompressedLinear (``weight`` [out, in], ``reference`` = W).
     forward_fp / forward_c: run one calibration batch through the FP / compressed model (or
-    block); batches(): the calibration batches, the same for both.
+    block); batches(): the calibration batches, the same for both. ranks: per-layer ranks
+    (e.g. from :func:`ranks.budget_compensate`; 0: no factors) instead of cfg.rank.
     """
     biases = biases or {}
     results: dict[str, LayerResult] = {}
@@ -252,7 +254,12 @@ def feedback_walk(
             for name in names:
                 cl = compressed[name]
                 w, w_c = cl.reference.double(), cl.weight.dequantize().double()
-                rank = min(cfg.rank, *w.shape)
+                rank = min(cfg.rank if ranks is None else ranks[name], *w.shape)
+                if rank == 0:
+                    target = feedback_target(w, w_c, gram_fp, cross, gram_c, root, shrink, damp)
+                    module = EoraLinear(cl.weight, bias=biases.get(name), sparse24=cl.sparse24)
+                    results[name] = LayerResult(module, 0, target.before, target.before)
+                    continue
                 b, a, target = feedback_factors(w, w_c, gram_fp, cross, gram_c, rank, root, cfg.fast, shrink, damp)
                 module = factor_module(cl, b, a, cfg, biases.get(name))
                 after = feedback_error(target, module.b.double(), module.a.double())
@@ -334,6 +341,7 @@ def feedback_compensate_model(
     unit: str = "input",
     shrink: float = 0.0,
     damp: float = DEFAULT_DAMP,
+    ranks: dict[str, int] | None = None,
 ) -> dict[str, LayerResult]:
     """Error-feedback EoRA for a whole in-memory model (the pipeline's ``--method eora-fb``).
 
@@ -351,5 +359,5 @@ def feedback_compensate_model(
             walk_units(list(compressed), unit, owner), compressed, fp_linears, model.get_submodule,
             lambda n, m: set_module(model, n, m), fp, model,
             lambda: [calib[i : i + batch_size] for i in range(0, calib.shape[0], batch_size)],
-            cfg, biases, shrink, damp,
+            cfg, biases, shrink, damp, ranks,
         )

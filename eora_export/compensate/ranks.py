@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ..errors import UsageError
 from .apply import CompensationConfig, factor_module, lowrank_group, quantize_factors
-from .eora import _split_sqrt, gram_root, weighted_error
+from .eora import _split_sqrt, gram_root
 from .feedback import damped
 
 RANK_STEP = 8  # rungs of the ladder: multiples of 8 keep every factor group ≥ 8 wide
@@ -62,16 +62,22 @@ def eora_ladder(cl, gram_fit: Tensor, gram_val: Tensor, ranks: list[int], cfg: C
     delta = cl.reference.double() - w_c
     root = gram_root(damped(gram_fit, damp))
     u, s, vh = torch.linalg.svd(root.whiten(delta), full_matrices=False)
-    rungs, factors = [], {}
+    g_val = gram_val.to(torch.float64)
+    # tr(E G Eᵀ) = tr(ΔW G ΔWᵀ) − 2⟨B A, ΔW G⟩ + ⟨A G Aᵀ, BᵀB⟩: one out·in² product per layer,
+    # then r·in·(out + in) per rung instead of out·in² each.
+    p = delta @ g_val
+    base = float((p * delta).sum())
+    rungs, factors = [Rung(0, 0, base)], {}
     for r in ranks:
         if r == 0:
-            rungs.append(Rung(0, 0, weighted_error(delta, gram_val)))
             continue
         b, a_white = _split_sqrt(u, s, vh, r, delta.shape[0])
         a = root.unwhiten_rows(a_white)
         module = factor_module(cl, b, a, cfg, None)
         nbytes = module.storage_bytes() - module.weight_q.storage_bytes()
-        rungs.append(Rung(r, nbytes, weighted_error(delta, gram_val, module.b.double(), module.a.double())))
+        bq, aq = module.b.double(), module.a.double()
+        err = base - 2 * float(((bq.T @ p) * aq).sum()) + float(((aq @ g_val @ aq.T) * (bq.T @ bq)).sum())
+        rungs.append(Rung(r, nbytes, err))
         factors[r] = (b, a)
     return rungs, factors
 
@@ -166,12 +172,14 @@ def budget_bytes(compressed: dict, cfg: CompensationConfig, kind: str, value: fl
 def budget_compensate(
     compressed: dict, grams, val_grams, cfg: CompensationConfig, budget: int,
     biases: dict[str, Tensor | None] | None = None, relative: bool = False, damp: float = 0.0,
+    max_rank: int | None = None,
 ) -> tuple[dict, dict[str, int]]:
     """EoRA with ranks allocated within ``budget`` factor bytes by validation gain per byte.
 
     grams / val_grams: GramStore of the fitting and of the validation windows (FP inputs).
     relative: weigh each layer's gain by 1 / its uncompensated validation error (measured
-    alternative; raw errors are the default). Returns (LayerResult per layer, ranks).
+    alternative; raw errors are the default). max_rank: top of the ladders (default 4 ×
+    cfg.rank). Returns (LayerResult per layer, ranks).
     """
     from ..modules import EoraLinear
     from .apply import LayerResult
@@ -180,7 +188,7 @@ def budget_compensate(
     ladders, factors = {}, {}
     for n, cl in compressed.items():
         out_f, in_f = cl.weight.shape
-        ranks = ladder_ranks(min(4 * max(cfg.rank, RANK_STEP), out_f, in_f), in_f, cfg.lowrank_bits)
+        ranks = ladder_ranks(min(max_rank or 4 * max(cfg.rank, RANK_STEP), out_f, in_f), in_f, cfg.lowrank_bits)
         ladders[n], factors[n] = eora_ladder(cl, grams.gram(n), val_grams.gram(n), ranks, cfg, damp)
     weights = {n: 1.0 / max(lad[0].val_error, 1e-30) for n, lad in ladders.items()} if relative else None
     chosen = allocate(ladders, budget, weights)
