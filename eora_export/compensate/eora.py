@@ -241,6 +241,10 @@ def eora_factors_from_root(
     """
     _check_rank(delta_w, rank)
     check_finite(delta_w, "weight error ΔW")
+    if fast:
+        # The pipeline's fast path: float32 whitening product (see :func:`whiten`), so that
+        # eora_factors(fast=True) measures and returns exactly what `--fast` ships.
+        return eora_factors_from_whitened(whiten(delta_w, root.to(torch.float32)), root, rank, fast)
     return eora_factors_from_whitened(root.whiten(delta_w.to(torch.float64)), root, rank, fast)
 
 
