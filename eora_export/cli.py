@@ -55,9 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--skip", action="append", default=[], metavar="PATTERN",
                    help="leave Linears matching this pattern in FP16 (repeatable)")
     g = p.add_argument_group("compensation")
-    g.add_argument("--method", choices=["eora", "svd", "none", "lsi", "lsi+eora"], default="eora",
+    g.add_argument("--method", choices=["eora", "svd", "none", "lsi", "lsi+eora", "eora-fb"], default="eora",
                    help="eora, svd, none, or LSI (learnable singular-value increments, trained block by block) "
-                   "alone or followed by EoRA (default: eora)")
+                   "alone or followed by EoRA; eora-fb: error-feedback EoRA, each layer fitted to the FP outputs "
+                   "from the inputs its compressed and compensated upstream produces (default: eora)")
     g.add_argument("--lsi-epochs", type=int, default=5, help="LSI epochs per block (default: 5)")
     g.add_argument("--lsi-lr", type=float, default=1e-3, help="LSI learning rate, in units of the mean singular value (default: 1e-3)")
     g.add_argument("--rank", type=int, default=16,
@@ -66,15 +67,26 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lowrank-group-size", type=int, default=0,
                    help="factor quantization group (default: largest of 128..2 dividing rank and width)")
     g.add_argument("--fast", action="store_true", help="Cholesky + randomized SVD instead of eigh + full SVD (big models)")
+    g.add_argument("--rank-budget", metavar="RANK|BYTES",
+                   help="EoRA factor budget, an average rank (32) or bytes (1.5MB), spread across layers by measured "
+                   "validation gain per byte; layers that gain nothing get rank 0 (default: uniform --rank)")
+    g.add_argument("--val-samples", type=int, default=32,
+                   help="calibration windows after the fitting ones, held out to allocate --rank-budget (default: 32)")
     g = p.add_argument_group("calibration and evaluation")
     g.add_argument("--calib", action="append", default=[], metavar="FILE[:WEIGHT]",
                    help="calibration text or JSONL ('text' field); repeat to mix sets with weights (default: built-in English text)")
     g.add_argument("--calib-samples", type=int, default=128, help="calibration sequences (default: 128)")
     g.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default: 256)")
-    g.add_argument("--eval-file", help="held-out text for perplexity (default: the demo's held-out split)")
-    g.add_argument("--eval-samples", type=int, default=64, help="held-out sequences (default: 64)")
+    g.add_argument("--eval-file", help="in-domain held-out text for perplexity and KL to FP16 (default: the demo's held-out split)")
+    g.add_argument("--ood-file",
+                   help="out-of-domain held-out text, reported beside --eval-file; 'none' for none (default: the demo's "
+                   "shipped one for --model demo, none for other models)")
+    g.add_argument("--eval-samples", type=int,
+                   help="held-out sequences per text; more trades time for a tighter interval (default: all for the "
+                   "demo, 64 otherwise)")
     g.add_argument("--sweep-ranks", type=_int_list,
-                   help="ranks for the perplexity-vs-rank plot, e.g. 4,8,16,32 (default: around --rank); '' for none")
+                   help="ranks of the KL- and perplexity-vs-rank plot, on the first 32 held-out windows, e.g. 4,8,16,32 "
+                   "(default: around --rank); '' for none")
     g.add_argument("--no-compare", action="store_true", help="evaluate only --method, not SVD beside it")
     g.add_argument("--batch-size", type=int, default=8)
     g.add_argument("--seed", type=int, default=0)
@@ -128,8 +140,10 @@ def _run(args: argparse.Namespace) -> int:
         model=args.model, out=artifacts_dir(args.out, fmt), method=args.method, rank=args.rank,
         lowrank_bits=args.lowrank_bits, lowrank_group_size=args.lowrank_group_size, quant=args.quant, bits=args.bits,
         group_size=args.group_size, sparsity=args.sparsity, calib=args.calib, calib_samples=args.calib_samples,
-        seq_len=args.seq_len, eval_file=args.eval_file, eval_samples=args.eval_samples, sweep_ranks=args.sweep_ranks,
-        compare=not args.no_compare, lsi_epochs=args.lsi_epochs, lsi_lr=args.lsi_lr, fast=args.fast, only=args.only, skip=args.skip,
+        seq_len=args.seq_len, eval_file=args.eval_file, eval_samples=args.eval_samples, ood_file=args.ood_file,
+        sweep_ranks=args.sweep_ranks,
+        compare=not args.no_compare, lsi_epochs=args.lsi_epochs, lsi_lr=args.lsi_lr, fast=args.fast,
+        rank_budget=args.rank_budget, val_samples=args.val_samples, only=args.only, skip=args.skip,
         batch_size=args.batch_size, seed=args.seed, format=fmt, deploy_out=None if fmt == "dir" else args.out,
     )
     if fmt == "trtllm":

@@ -75,11 +75,12 @@ from .calibration import GramCollector, GramStore
 from .compensate.apply import CompensationConfig, compensate_layers, layer_rank, swapped
 from .compress import CompressConfig, compress_model
 from .errors import BadInput, MissingDependency, MissingInput, UsageError
-from .evaluate import window_scores
+from .evaluate import Scores, text_report, window_scores
+from .hf_compat import add_legacy_rope_keys, save_tokenizer
 from .models import TARGET_SUFFIXES, read_config
 from .modules import EoraLinear
 from .quant import QuantizedMatrix, pack_int4, unpack_int4
-from .report import format_table, plot_layer_errors, write_json
+from .report import plot_layer_errors, write_json
 from .validate import check_output_location
 
 log = logging.getLogger("eora_export")
@@ -328,18 +329,18 @@ class BlockHost(nn.Module):
         window = getattr(self.config, "sliding_window", None) if self.config.model_type == "mistral" else None
         mask_fn = masking_utils.create_causal_mask if window is None else masking_utils.create_sliding_window_causal_mask
         # positional: the embeddings argument is input_embeds in 4.x and inputs_embeds in 5.x
-        mask = mask_fn(self.config, x, None, position_ids=pos, **_no_cache_kwargs(mask_fn))
+        mask = mask_fn(self.config, x, None, position_ids=pos, **_no_cache_kwargs(mask_fn, pos[0]))
         return self.layer(x, attention_mask=mask, position_ids=pos, position_embeddings=pe)
 
 
-def _no_cache_kwargs(mask_fn: Callable) -> dict:
+def _no_cache_kwargs(mask_fn: Callable, cache_position: Tensor) -> dict:
     """"No KV cache" in the mask builder's own words: transformers ≥ 5.24 calls it ``cache`` (and
-    removes ``past_key_values`` in 5.40); 4.53–5.23 call it ``past_key_values`` and 4.x also
-    requires ``cache_position``."""
+    removes ``past_key_values`` in 5.40); 4.53–5.23 call it ``past_key_values``, and 4.x sizes the
+    mask from ``cache_position: [seq]`` (the positions 0..seq-1 without a cache)."""
     params = inspect.signature(mask_fn).parameters
     kwargs: dict = {"cache": None} if "cache" in params else {"past_key_values": None}
-    if "cache_position" in params and params["cache_position"].default is inspect.Parameter.empty:
-        kwargs["cache_position"] = None
+    if "cache_position" in params:
+        kwargs["cache_position"] = cache_position
     return kwargs
 
 
@@ -734,9 +735,9 @@ def _clear_work(work: Path) -> None:
         p.unlink(missing_ok=True)
 
 
-def _windows_for(path: Path, cfg, need_eval: bool) -> tuple[Tensor, Tensor | None, object]:
-    """(calibration windows, held-out windows or None, tokenizer) as the in-memory pipeline
-    draws them, so both paths calibrate on identical tokens."""
+def _windows_for(path: Path, cfg, need_eval: bool) -> tuple[Tensor, list | None, object]:
+    """(calibration windows, held-out texts (pipeline.EvalText: in domain, then out of domain)
+    or None, tokenizer) as the in-memory pipeline draws them, so both paths see identical tokens."""
     from transformers import AutoTokenizer
 
     from .models import DEMO_DIR
@@ -746,14 +747,15 @@ def _windows_for(path: Path, cfg, need_eval: bool) -> tuple[Tensor, Tensor | Non
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as e:
         raise MissingInput(f"no usable tokenizer in {path} ({type(e).__name__}); streaming needs one to tokenize --calib") from None
-    calib, held = _windows(tokenizer, cfg, path == DEMO_DIR)
-    return calib, (held if need_eval else None), tokenizer
+    calib, texts = _windows(tokenizer, cfg, path == DEMO_DIR)
+    return calib, (texts if need_eval else None), tokenizer
 
 
 @torch.no_grad()
-def _head_nll(ckpt: StreamingCheckpoint, hidden: dict[str, Tensor], ids: Tensor, batch_size: int, device: torch.device) -> dict[str, float]:
-    """Mean next-token NLL per path from final hidden states ``[m, seq, h]`` (final norm,
-    then lm_head in float32, as evaluate.mean_nll computes on the full model)."""
+def _head_nll(ckpt: StreamingCheckpoint, hidden: dict[str, Tensor], ids: Tensor, batch_size: int, device: torch.device) -> dict[str, Scores]:
+    """Per-window NLL and KL(fp16 ‖ path) sums per path from final hidden states ``[m, seq, h]``
+    (final norm, then lm_head in float32, as evaluate.score computes on the full model; the
+    "fp16" path's logits are the reference, batch by batch, so no logits are stored)."""
     head_name = "model.embed_tokens.weight" if ckpt.tied else "lm_head.weight"
     t = ckpt.read(["model.norm.weight", head_name], torch.float32, device)
     mod = importlib.import_module(f"transformers.models.{ckpt.model_type}.modeling_{ckpt.model_type}")
@@ -761,17 +763,22 @@ def _head_nll(ckpt: StreamingCheckpoint, hidden: dict[str, Tensor], ids: Tensor,
     norm = norm_cls(ckpt.config.hidden_size, eps=ckpt.config.rms_norm_eps).to(device)
     norm.weight.data = t["model.norm.weight"]
     head = t[head_name]
-    out = {}
-    for label, h in hidden.items():
-        total, count = 0.0, 0
-        for i in range(0, h.shape[0], batch_size):
-            x = norm(h[i : i + batch_size].to(device=device, dtype=torch.float32))
-            logits = F.linear(x, head).float()
-            b_ids = ids[i : i + batch_size].to(device)
-            total += float(window_scores(logits, b_ids)[0].sum())  # the in-memory path's own NLL sum
-            count += b_ids[:, 1:].numel()
-        out[label] = total / max(count, 1)
-    return out
+
+    def logits(label: str, i: int) -> Tensor:
+        return F.linear(norm(hidden[label][i : i + batch_size].to(device=device, dtype=torch.float32)), head).float()
+
+    nll: dict[str, list[Tensor]] = {label: [] for label in hidden}
+    kl: dict[str, list[Tensor]] = {label: [] for label in hidden}
+    for i in range(0, ids.shape[0], batch_size):
+        b_ids = ids[i : i + batch_size].to(device)
+        ref = logits("fp16", i) if "fp16" in hidden else None
+        for label in hidden:
+            n, k = window_scores(ref if label == "fp16" else logits(label, i), b_ids, ref)
+            nll[label].append(n.cpu())
+            if k is not None:
+                kl[label].append(k.cpu())
+    return {label: Scores(torch.cat(nll[label]), torch.cat(kl[label]) if kl[label] else None, ids.shape[1] - 1)
+            for label in hidden}
 
 
 def _fingerprint(path: Path, cfg, opts: StreamOptions, fast: bool, calib: Tensor, held: Tensor | None) -> dict:
@@ -968,10 +975,12 @@ def _assemble(ckpt: StreamingCheckpoint, manifest: dict, work: Path, cfg, out: P
         base_dir = tmp / "base"
         base_dir.mkdir()
         config = type(ckpt.config).from_pretrained(ckpt.path, local_files_only=True)
-        config.torch_dtype = "float16"  # as adapter.save_compressed_base writes it
+        config.dtype = "float16"  # as adapter.save_compressed_base writes it
         config.save_pretrained(base_dir)
+        # the same files for older transformers (vLLM, TensorRT-LLM) as the in-memory base/
+        add_legacy_rope_keys(base_dir / "config.json", config)
         if tokenizer is not None:
-            tokenizer.save_pretrained(base_dir)
+            save_tokenizer(tokenizer, base_dir)
         write_adapter = cfg.method != "none" and adapter_specs
         if write_adapter:
             (tmp / "adapter").mkdir()
@@ -1093,6 +1102,12 @@ def run_streaming(
     opts = opts or StreamOptions()
     opts.validate()
     cfg.validate()
+    if cfg.method == "eora-fb":
+        raise UsageError("--method eora-fb is not streamed yet (it needs the FP and the compressed hidden states side by "
+                         "side); use --method eora with --stream-inputs compressed, or a model small enough for memory")
+    if getattr(cfg, "rank_budget", None) is not None:
+        raise UsageError("--rank-budget is not streamed yet (it allocates ranks over the whole model at once); "
+                         "use a uniform --rank for streamed models")
     out = Path(out_dir if out_dir is not None else cfg.out)
     check_output_location(out)
     t_start = time.perf_counter()
@@ -1107,10 +1122,17 @@ def run_streaming(
 
     tokenizer = None
     need_eval = opts.evaluate
+    # (name, domain, file, windows) per held-out text; all texts stream as one batch of windows
+    # (paths carry their hidden states block to block) and are split again at the head.
+    texts: list[tuple[str, str, str, int]] = []
     if calib_windows is None or (need_eval and eval_windows is None):
-        calib_tok, held_tok, tokenizer = _windows_for(path, cfg, need_eval)
+        calib_tok, eval_texts, tokenizer = _windows_for(path, cfg, need_eval)
         calib_windows = calib_tok if calib_windows is None else calib_windows
-        eval_windows = held_tok if eval_windows is None else eval_windows
+        if need_eval and eval_windows is None:
+            texts = [(e.name, e.domain, str(e.path), int(e.windows.shape[0])) for e in eval_texts]
+            eval_windows = torch.cat([e.windows for e in eval_texts])
+    if need_eval and eval_windows is not None and not texts:
+        texts = [("heldout", "in domain", "(eval_windows given)", int(eval_windows.shape[0]))]
     if not need_eval:
         eval_windows = None
     calib_windows = calib_windows.to(torch.int64)
@@ -1206,14 +1228,21 @@ def run_streaming(
     if state is None and manifest.get("final_nll_state"):
         state = _load_state(work / manifest["final_nll_state"])
 
-    ppl: dict[str, float] = {}
+    accuracy: dict[str, dict] = {}
     eval_s = 0.0
     if eval_windows is not None and state is not None and state.evals:
         t = time.perf_counter()
-        nll = _head_nll(ckpt, state.evals, eval_windows, cfg.batch_size, device)
-        ppl = {k: math.exp(v) for k, v in nll.items()}
+        scores = _head_nll(ckpt, state.evals, eval_windows, cfg.batch_size, device)
+        start_w = 0
+        for name, domain, file, n in texts:
+            part = {k: Scores(v.nll[start_w : start_w + n], None if v.kl is None else v.kl[start_w : start_w + n],
+                              v.tokens_per_window) for k, v in scores.items()}
+            accuracy[name] = {"file": file, "domain": domain, **text_report(part, seed=cfg.seed)}
+            start_w += n
         eval_s = time.perf_counter() - t
     del state
+    ppl = accuracy["heldout"]["perplexity"] if accuracy else {}
+    held_windows = texts[0][3] if texts else 0
 
     block_times = [manifest["blocks"][str(i)]["timings"] for i in range(ckpt.num_layers)]
     total = {
@@ -1233,8 +1262,10 @@ def run_streaming(
             "linears": len(targets),
             "shared_grams": sum(manifest["blocks"][str(i)]["shared_grams"] for i in range(ckpt.num_layers)),
         },
-        "eval": ({"windows": int(eval_windows.shape[0]), "tokens": int(eval_windows.numel())} if eval_windows is not None else {}),
+        "eval": ({"windows": held_windows, "tokens": held_windows * int(eval_windows.shape[1])} if eval_windows is not None else {}),
         "perplexity": ppl,
+        "kl": accuracy["heldout"]["kl"] if accuracy else {},
+        "accuracy": accuracy,
         "sweep": {},
         "sizes": sizes,
         "rank_clamped": clamped,
@@ -1252,22 +1283,9 @@ def run_streaming(
             "peak_live_loaded_tensors": ckpt.live.peak,
         },
     }
-    rows = []
-    if ppl:
-        rows = [(label, ppl.get(label), b) for label, b in (("fp16", sizes["fp16_linear_bytes"]), ("compressed", sizes["compressed_linear_bytes"]))]
-        if cfg.method != "none":
-            rows.append(
-                (
-                    f"compressed+{cfg.method}",
-                    ppl.get(f"compressed+{cfg.method}"),
-                    sizes["compressed_linear_bytes"] + sizes["factor_bytes"],
-                )
-            )
-    else:
-        rows = [("fp16", None, sizes["fp16_linear_bytes"]), ("compressed", None, sizes["compressed_linear_bytes"])]
-        if cfg.method != "none":
-            rows.append((f"compressed+{cfg.method}", None, sizes["compressed_linear_bytes"] + sizes["factor_bytes"]))
-    report["table"] = format_table(rows) + "\n(size: decoder Linears only; factors at --lowrank-bits)"
+    from .pipeline import summary_table  # the in-memory run's table, so both print the same
+
+    report["table"] = summary_table(report)
 
     t = time.perf_counter()
     if tokenizer is None:

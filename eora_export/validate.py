@@ -444,6 +444,8 @@ def check_calibration(cfg, model_path: Path) -> None:
     if not sources:
         sources = [("calibration file", DEMO_DIR / "calib.txt")]
     sources.append(("held-out text (--eval-file)", Path(cfg.eval_file) if cfg.eval_file else DEMO_DIR / "heldout.txt"))
+    if getattr(cfg, "ood_file", None) and cfg.ood_file != "none":
+        sources.append(("out-of-domain text (--ood-file)", Path(cfg.ood_file)))
     texts = [(what, path, read_text_file(path, what)) for what, path in sources]
     # Cheap bound first: a token covers at least one byte of text, plus one EOS per document.
     for what, path, docs in texts:
@@ -477,8 +479,8 @@ def estimate_output_bytes(cfg, config: dict, ckpt: Checkpoint, linears: dict[str
     """Rough size of everything a run writes (base/, adapter/, and the graphs for graph formats)."""
     if ckpt.tensors:
         params = sum(math.prod(s) for _, _, s in ckpt.tensors.values())
-    else:
-        params = ckpt.bytes_on_disk // (4 if str(config.get("torch_dtype", "")) == "float32" else 2)
+    else:  # config.json says "dtype" since transformers 4.56, "torch_dtype" before
+        params = ckpt.bytes_on_disk // (4 if str(config.get("dtype", config.get("torch_dtype", ""))) == "float32" else 2)
     lin = sum(o * i for o, i in linears.values())
     if cfg.quant == "none":
         qbytes = lin * 2

@@ -92,3 +92,47 @@ def test_lsi_methods_run_through_the_pipeline(tiny_model_dir, tmp_path):
     plain = result.compressed
     assert any(not torch.equal(r.module.weight_q.q, plain[n].weight.q) for n, r in result.modules.items())
     assert (cfg.out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def _small_cfg(tiny_model_dir, out, **kw) -> RunConfig:
+    return RunConfig(
+        model=str(tiny_model_dir), out=out, rank=8, calib=[str(tiny_model_dir / "calib.txt")],
+        eval_file=str(tiny_model_dir / "calib.txt"), calib_samples=8, eval_samples=2, seq_len=32, sweep_ranks=[],
+        group_size=64, compare=False, **kw,
+    )
+
+
+def test_error_feedback_method_runs_through_the_pipeline(tiny_model_dir, tmp_path):
+    """--method eora-fb: every layer gets its rank and lowers its own feedback objective."""
+    result = compute(_small_cfg(tiny_model_dir, tmp_path / "out", method="eora-fb", ood_file="none"), progress=False)
+    assert "compressed+eora-fb" in result.report["perplexity"]
+    assert all(r.rank == 8 and r.error_after < r.error_before for r in result.modules.values())
+    assert result.report["sizes"]["factor_bytes_by_method"]["eora-fb"] > 0
+
+
+def test_rank_budget_spreads_ranks_within_the_bytes_of_uniform_rank(tiny_model_dir, tmp_path):
+    cfg = _small_cfg(tiny_model_dir, tmp_path / "out", rank_budget="8", val_samples=4, ood_file="none")
+    result = compute(cfg, progress=False)
+    sizes = result.report["sizes"]["factor_bytes_by_method"]
+    uniform = compute(_small_cfg(tiny_model_dir, tmp_path / "u", ood_file="none"), progress=False)
+    assert 0 < sizes["eora"] <= uniform.report["sizes"]["factor_bytes_by_method"]["eora"]
+    ranks = {r.rank for r in result.modules.values()}
+    assert all(r % 8 == 0 for r in ranks)
+    # Every layer with factors lowers its own validation error (never worse).
+    assert all(r.error_after < r.error_before for r in result.modules.values() if r.rank)
+    # Error feedback at the allocated ranks: the same ranks, the same bytes.
+    fb = compute(_small_cfg(tiny_model_dir, tmp_path / "fb", method="eora-fb", rank_budget="8", val_samples=4,
+                            ood_file="none"), progress=False)
+    assert {n: r.rank for n, r in fb.modules.items()} == {n: r.rank for n, r in result.modules.items()}
+    assert fb.report["sizes"]["factor_bytes_by_method"]["eora-fb"] == sizes["eora"]
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--rank-budget", "lots"], "--rank-budget 'lots'"),
+    (["--rank-budget", "32", "--method", "svd"], "use it with --method eora or eora-fb"),
+    (["--rank-budget", "32", "--val-samples", "0"], "--val-samples must be positive"),
+])
+def test_rank_budget_flag_errors_are_one_line(tmp_path, capsys, flags, message):
+    assert main([*flags, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
