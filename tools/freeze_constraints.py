@@ -64,6 +64,7 @@ def diff(old: dict[str, str], new: dict[str, str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--diff", action="store_true", help="compare with constraints.txt instead of writing it")
+    ap.add_argument("--out", type=Path, default=CONSTRAINTS, help="where to write (default: constraints.txt)")
     args = ap.parse_args(argv)
     now = installed()
     if args.diff:
@@ -72,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         print("resolved: " + ", ".join(f"{n} {v}" for n, v in key.items()))
         print("differs from constraints.txt: " + ("; ".join(rows) if rows else "nothing"))
         return 0
-    CONSTRAINTS.write_text(render(now))
-    print(f"wrote {CONSTRAINTS} ({len(now)} packages)")
+    args.out.write_text(render(now))
+    print(f"wrote {args.out} ({len(now)} packages)")
     return 0
 
 
