@@ -244,7 +244,12 @@ def eora_factors_from_root(
     if fast:
         # The pipeline's fast path: float32 whitening product (see :func:`whiten`), so that
         # eora_factors(fast=True) measures and returns exactly what `--fast` ships.
-        return eora_factors_from_whitened(whiten(delta_w, root.to(torch.float32)), root, rank, fast)
+        m = whiten(delta_w, root.to(torch.float32))
+        if not torch.isfinite(m).all():
+            # A Gram beyond float32's range (≳ 1e38; fp16 activations bound the pipeline's
+            # Grams near 4e9, so only direct callers get here): the float64 product instead.
+            m = root.whiten(delta_w.to(torch.float64))
+        return eora_factors_from_whitened(m, root, rank, fast)
     return eora_factors_from_whitened(root.whiten(delta_w.to(torch.float64)), root, rank, fast)
 
 

@@ -331,7 +331,9 @@ def _capture_block_inputs(
                 stream = torch.empty(windows.shape[0], x.shape[1], x.shape[2], dtype=dtype)
             stream[i : i + ids.shape[0]] = x.cpu()
             kw = dict(store["kw"])  # type: ignore[arg-type]
-            kw["past_key_values"] = None
+            for key in ("cache", "past_key_values", "past_key_value"):  # the name moved across transformers releases
+                if key in kw:
+                    kw[key] = None  # no cache: each replay recomputes the block on its own
             kw["use_cache"] = False
             kwargs_by_bs.setdefault(ids.shape[0], kw)
     finally:
