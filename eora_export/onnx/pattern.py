@@ -123,24 +123,7 @@ class LinearWeights:
     def from_module(cls, mod: Any) -> LinearWeights:
         """From an :class:`eora_export.modules.EoraLinear` (torch layout ``[rows, cols]``)."""
         wq, aq, bq = mod.weight_q, mod.a_q, mod.b_q
-        if wq.bits not in (3, 4, 16):
-            raise ValueError(f"weight_bits={wq.bits} is not exportable; EoraLinear graphs take 3, 4 or 16")
-        lowrank_bits, lg = 16, 0
-        if mod.rank:
-            if aq.bits != bq.bits or aq.group_size != bq.group_size:
-                raise ValueError(
-                    f"factors a ({aq.bits} bit, group {aq.group_size}) and b ({bq.bits} bit, group "
-                    f"{bq.group_size}) differ; quantize both with the same bits and group size"
-                )
-            # 3-bit factors live in the INT4 container, like 3-bit weights.
-            lowrank_bits = 4 if aq.bits == 3 else aq.bits
-            lg = 0 if lowrank_bits == 16 else aq.group_size
-        attrs = spec.validate_attrs({
-            "in_features": mod.in_features, "out_features": mod.out_features, "rank": mod.rank,
-            "weight_bits": wq.bits, "group_size": 0 if wq.bits == 16 else wq.group_size,
-            "lowrank_bits": lowrank_bits, "lowrank_group_size": lg,
-            "sparse24": int(bool(mod.sparse24)), "has_bias": int(mod.bias is not None),
-        })
+        attrs = spec.layer_attrs(mod)
 
         def codes(m: Any) -> tuple[np.ndarray, np.ndarray | None]:
             if m.bits == 16:

@@ -109,6 +109,29 @@ def input_layouts(attrs: Mapping[str, Any]) -> dict[str, tuple[str, tuple[int, .
     return out
 
 
+def layer_attrs(layer: Any) -> dict[str, Any]:
+    """The validated node attributes of an ``eora_export.modules.EoraLinear`` (its ``weight_q``,
+    ``a_q``, ``b_q`` carry bits and group sizes). Shared by the graph emitter and the plugin's
+    torch-only input builder, so both describe a layer the same way."""
+    wq, aq, bq = layer.weight_q, layer.a_q, layer.b_q
+    if wq.bits not in (3, 4, 16):
+        raise ValueError(f"weight_bits={wq.bits} has no EoraLinear layout; EoraLinear takes 3, 4 or 16")
+    lowrank_bits, lg = 16, 0
+    if layer.rank:
+        if aq.bits != bq.bits or aq.group_size != bq.group_size:
+            raise ValueError(f"factors a ({aq.bits} bit, group {aq.group_size}) and b ({bq.bits} bit, group "
+                             f"{bq.group_size}) differ; quantize both with the same bits and group size")
+        # 3-bit factors live in the INT4 container, like 3-bit weights.
+        lowrank_bits = 4 if aq.bits == 3 else aq.bits
+        lg = 0 if lowrank_bits == 16 else aq.group_size
+    return validate_attrs({
+        "in_features": layer.in_features, "out_features": layer.out_features, "rank": layer.rank,
+        "weight_bits": wq.bits, "group_size": 0 if wq.bits == 16 else wq.group_size,
+        "lowrank_bits": lowrank_bits, "lowrank_group_size": lg,
+        "sparse24": int(bool(layer.sparse24)), "has_bias": int(layer.bias is not None),
+    })
+
+
 def validate_attrs(attrs: Mapping[str, Any]) -> dict[str, Any]:
     """Check names, types, allowed values and the spec's constraints.
 

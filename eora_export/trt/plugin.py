@@ -293,21 +293,7 @@ def plugin_inputs(layer: Any, device: Any = "cuda") -> tuple[dict[str, Any], dic
     from ..quant import pack_int4
 
     wq, aq, bq = layer.weight_q, layer.a_q, layer.b_q
-    if wq.bits not in (3, 4, 16):
-        raise ValueError(f"weight_bits={wq.bits} has no plugin layout; EoraLinear takes 3, 4 or 16")
-    lowrank_bits, lg = 16, 0
-    if layer.rank:
-        if aq.bits != bq.bits or aq.group_size != bq.group_size:
-            raise ValueError(f"factors a ({aq.bits} bit, group {aq.group_size}) and b ({bq.bits} bit, group "
-                             f"{bq.group_size}) differ; quantize both with the same bits and group size")
-        lowrank_bits = 4 if aq.bits == 3 else aq.bits  # 3-bit codes live in the INT4 container
-        lg = 0 if lowrank_bits == 16 else aq.group_size
-    attrs = spec.validate_attrs({
-        "in_features": layer.in_features, "out_features": layer.out_features, "rank": layer.rank,
-        "weight_bits": wq.bits, "group_size": 0 if wq.bits == 16 else wq.group_size,
-        "lowrank_bits": lowrank_bits, "lowrank_group_size": lg,
-        "sparse24": int(bool(layer.sparse24)), "has_bias": int(layer.bias is not None),
-    })
+    attrs = spec.layer_attrs(layer)
 
     def codes(m: Any) -> tuple[Any, Any]:
         """[K, N] layout (the torch [rows, cols] transposed): packed / int8 / fp16 codes, fp16 scales."""
