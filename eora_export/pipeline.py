@@ -11,7 +11,7 @@ import copy
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -20,87 +20,19 @@ from . import __version__
 from .adapter import save_compressed_base, save_peft_adapter
 from .atomic import atomic_dir
 from .calibration import CalibSource, calibration_windows, collect_grams, read_texts, token_windows
-from .compensate.apply import CompensationConfig, LayerResult, compensate_layers, layer_rank, swapped
+from .compensate.apply import LayerResult, compensate_layers, layer_rank, swapped
 from .compensate.feedback import feedback_compensate_model
 from .compensate.lsi import LsiConfig, lsi_compress
 from .compensate.ranks import budget_bytes, budget_compensate, parse_budget, validation_windows
-from .compress import CompressConfig, compress_model
-from .errors import BadInput, UsageError
+from .compress import compress_model
+from .config import METHOD_CHOICES, RunConfig  # noqa: F401  (re-exported until engine/ replaces this module)
+from .errors import BadInput
 from .evaluate import Scores, model_logits, reference_logits, score, score_many, text_report
 from .models import DEMO_DIR, load_model, resolve_model, target_linears
 from .report import format_accuracy, format_table, plot_layer_errors, plot_ppl_vs_rank, write_json
 from .validate import check_output_location, preflight
 
 log = logging.getLogger("eora_export")
-
-
-METHOD_CHOICES = ("eora", "svd", "none", "lsi", "lsi+eora", "eora-fb")
-
-
-@dataclass
-class RunConfig:
-    model: str = "demo"
-    out: Path = Path("eora-out")
-    method: str = "eora"
-    rank: int = 16
-    lowrank_bits: int = 4
-    lowrank_group_size: int = 0
-    quant: str = "rtn"
-    bits: int = 4
-    group_size: int = 128
-    sparsity: str = "none"
-    calib: list[str] = field(default_factory=list)
-    calib_samples: int = 128
-    seq_len: int = 256
-    eval_file: str | None = None
-    eval_samples: int | None = None  # None: every held-out window for the demo, DEFAULT_EVAL_SAMPLES otherwise
-    ood_file: str | None = None  # out-of-domain text; None: the demo's shipped one for the demo, none otherwise; "none": none
-    sweep_ranks: list[int] | None = None  # None: a default sweep around --rank
-    compare: bool = True  # also evaluate SVD and no compensation beside --method
-    lsi_epochs: int = 5
-    lsi_lr: float = 1e-3
-    fast: bool = False
-    rank_budget: str | None = None  # --rank-budget: average rank ("32") or factor bytes ("1.5MB"), spread by validation gain
-    val_samples: int = 32  # calibration windows after the fitting ones, for --rank-budget (never fitted on)
-    only: list[str] = field(default_factory=list)
-    skip: list[str] = field(default_factory=list)
-    batch_size: int = 8
-    seed: int = 0
-    format: str = "dir"  # the deployable kind, for preflight's disk and path checks
-    deploy_out: Path | None = None  # --out when it is not the artifacts folder
-
-    def compress_config(self) -> CompressConfig:
-        return CompressConfig(quant=self.quant, bits=self.bits, group_size=self.group_size, sparsity=self.sparsity)
-
-    def compensation(self, method: str, rank: int | None = None) -> CompensationConfig:
-        return CompensationConfig(
-            method=method, rank=self.rank if rank is None else rank, lowrank_bits=self.lowrank_bits,
-            lowrank_group_size=self.lowrank_group_size, fast=self.fast,
-        )
-
-    def validate(self) -> None:
-        if self.method not in METHOD_CHOICES:
-            raise UsageError(f"unknown --method {self.method}; use one of {', '.join(METHOD_CHOICES)}")
-        if self.method.startswith("lsi") and self.sparsity != "none":
-            raise UsageError("--method lsi trains quantized weights and does not keep a 2:4 mask; use --sparsity none")
-        if self.method.startswith("lsi") and self.quant == "none":
-            raise UsageError("--method lsi needs a weight quantizer (--quant rtn, gptq or awq) to start from")
-        if self.method != "none" and self.rank <= 0:
-            raise UsageError(f"--rank must be a positive integer, got {self.rank}")
-        if self.lowrank_bits not in (4, 8, 16):
-            raise UsageError(f"--lowrank-bits must be 4, 8 or 16, got {self.lowrank_bits}")
-        if self.bits not in (3, 4):
-            raise UsageError(f"--bits must be 3 or 4, got {self.bits}")
-        if self.quant == "none" and self.sparsity == "none":
-            raise UsageError("nothing to compress: --quant none needs --sparsity sparsegpt or magnitude")
-        if self.calib_samples <= 0 or self.seq_len < 2 or (self.eval_samples is not None and self.eval_samples <= 0):
-            raise UsageError("--calib-samples and --eval-samples must be positive and --seq-len at least 2")
-        if self.rank_budget is not None:
-            parse_budget(self.rank_budget)
-            if self.method not in ("eora", "eora-fb"):
-                raise UsageError(f"--rank-budget allocates EoRA ranks; use it with --method eora or eora-fb, not {self.method}")
-            if self.val_samples <= 0:
-                raise UsageError("--rank-budget needs validation windows: --val-samples must be positive")
 
 
 def _default_sweep(rank: int, max_rank: int, lowrank_bits: int) -> list[int]:

@@ -53,7 +53,6 @@ import inspect
 import json
 import logging
 import math
-import struct
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -81,6 +80,7 @@ from .models import TARGET_SUFFIXES, read_config
 from .modules import EoraLinear
 from .quant import QuantizedMatrix, pack_int4, unpack_int4
 from .report import plot_layer_errors, write_json
+from .safetensors_io import SafetensorsWriter, ShardedWriter, read_header
 from .validate import check_output_location
 
 log = logging.getLogger("eora_export")
@@ -196,9 +196,9 @@ class StreamingCheckpoint:
         if shard is None:
             raise BadInput(f"tensor {name} is missing from the checkpoint in {self.path}; re-download the model")
         if shard not in self._headers:
-            self._headers[shard] = read_safetensors_header(self.path / shard)
+            self._headers[shard] = read_header(self.path / shard)
         entry = self._headers[shard][name]
-        return entry["dtype"], list(entry["shape"])
+        return entry.dtype, list(entry.shape)
 
     def read(
         self,
@@ -269,15 +269,6 @@ class StreamingCheckpoint:
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= table.shape[0]):
             raise BadInput(f"token ids reach {int(ids.max())} but the vocabulary has {table.shape[0]} entries; wrong tokenizer?")
         return F.embedding(ids, table).float().to(dtype)
-
-
-def read_safetensors_header(path: Path) -> dict:
-    """The JSON header of a .safetensors file (tensor name -> dtype, shape, offsets)."""
-    with open(path, "rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(size))
-    header.pop("__metadata__", None)
-    return header
 
 
 # --------------------------------------------------------------------------------------
@@ -441,113 +432,6 @@ def gram_forward(
 # --------------------------------------------------------------------------------------
 # Writing: safetensors one tensor at a time
 # --------------------------------------------------------------------------------------
-
-
-class SafetensorsWriter:
-    """Writes a .safetensors file tensor by tensor, never holding more than one.
-
-    The header needs every name, dtype and shape first, so ``specs`` declares them up
-    front; :meth:`write` then takes the tensors in that order. The result is a standard
-    file (8-byte little-endian header size, JSON header padded to 8 bytes, raw data).
-    """
-
-    def __init__(self, path: Path, specs: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str] | None = None) -> None:
-        self.path = Path(path)
-        self._specs = [(n, dt, tuple(int(s) for s in shape)) for n, dt, shape in specs]
-        header: dict[str, object] = {}
-        if metadata:
-            header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-        offset = 0
-        for name, dt, shape in self._specs:
-            size = math.prod(shape) * torch.empty((), dtype=dt).element_size()
-            header[name] = {"dtype": _ST_DTYPES[dt], "shape": list(shape), "data_offsets": [offset, offset + size]}
-            offset += size
-        self.total_bytes = offset
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-(8 + len(raw)) % 8)
-        self._file = open(self.path, "wb")
-        self._file.write(struct.pack("<Q", len(raw)) + raw)
-        self._next = 0
-
-    def write(self, name: str, tensor: Tensor) -> None:
-        if self._next >= len(self._specs):
-            raise ValueError(f"{self.path.name}: unexpected extra tensor {name}")
-        want, dt, shape = self._specs[self._next]
-        if name != want or tensor.dtype != dt or tuple(tensor.shape) != shape:
-            raise ValueError(f"{self.path.name}: expected {want} {dt} {shape}, got {name} {tensor.dtype} {tuple(tensor.shape)}")
-        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-        self._file.write(data.numpy().data)
-        self._next += 1
-
-    def close(self) -> None:
-        if self._file.closed:
-            return
-        self._file.close()
-        if self._next != len(self._specs):
-            raise ValueError(f"{self.path.name}: {len(self._specs) - self._next} declared tensors were never written")
-
-    def __enter__(self) -> SafetensorsWriter:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if exc[0] is not None:
-            self._file.close()
-            return
-        self.close()
-
-
-class ShardedWriter:
-    """An HF checkpoint in shards of at most ``max_shard_bytes`` (a single
-    ``model.safetensors`` when it fits, as ``save_pretrained`` and the in-memory pipeline
-    write it), plus ``model.safetensors.index.json`` when sharded."""
-
-    def __init__(
-        self,
-        folder: Path,
-        specs: list[tuple[str, torch.dtype, tuple[int, ...]]],
-        max_shard_bytes: int,
-        metadata: dict[str, str],
-    ) -> None:
-        shards: list[list] = [[]]
-        size = 0
-        for spec in specs:
-            nbytes = math.prod(spec[2]) * torch.empty((), dtype=spec[1]).element_size()
-            if shards[-1] and size + nbytes > max_shard_bytes:
-                shards.append([])
-                size = 0
-            shards[-1].append(spec)
-            size += nbytes
-        n = len(shards)
-        self.names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-        self._folder = folder
-        self._shards = shards
-        self._metadata = metadata
-        self._current: SafetensorsWriter | None = None
-        self._index = -1
-        self._left = 0
-        self.weight_map = {spec[0]: self.names[i] for i, shard in enumerate(shards) for spec in shard}
-        self.total_bytes = sum(math.prod(s[2]) * torch.empty((), dtype=s[1]).element_size() for s in specs)
-
-    def write(self, name: str, tensor: Tensor) -> None:
-        if self._left == 0:
-            if self._current is not None:
-                self._current.close()
-            self._index += 1
-            if self._index >= len(self._shards):
-                raise ValueError(f"unexpected extra tensor {name}")
-            self._current = SafetensorsWriter(self._folder / self.names[self._index], self._shards[self._index], self._metadata)
-            self._left = len(self._shards[self._index])
-        self._current.write(name, tensor)
-        self._left -= 1
-
-    def close(self) -> None:
-        if self._current is not None:
-            self._current.close()
-        if self._index != len(self._shards) - 1 or self._left:
-            raise ValueError("the checkpoint writer was closed before every tensor was written")
-        if len(self.names) > 1:
-            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": self.weight_map}
-            (self._folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
 # --------------------------------------------------------------------------------------
@@ -1315,4 +1199,4 @@ def count_parameters(path: Path) -> int:
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
     else:
         files = [f.name for f in sorted(path.glob("*.safetensors"))]
-    return sum(math.prod(e["shape"]) for f in files for e in read_safetensors_header(path / f).values())
+    return sum(math.prod(e.shape) for f in files for e in read_header(path / f).values())

@@ -41,12 +41,12 @@ import logging
 import math
 import os
 import shutil
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import BadInput, MissingInput, UsageError
 from .models import DEMO_DIR, SUPPORTED_ARCHITECTURES, read_config
+from .safetensors_io import read_header
 
 log = logging.getLogger("eora_export")
 
@@ -56,11 +56,6 @@ MLP = ("gate_proj", "up_proj", "down_proj")
 _LAYER_EXTRAS = ("input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.rotary_emb.inv_freq")
 # Tensor names of checkpoints that are already quantized (GPTQ, AWQ, bitsandbytes, FP8, ModelOpt).
 _QUANTIZED_MARKERS = ("qweight", "qzeros", "g_idx", "weight_scale", "weight_scale_inv", "SCB", "weight_format", "absmax", "quant_map")
-_HEADER_LIMIT = 100 << 20  # safetensors caps its JSON header at 100 MB
-_ST_ITEMSIZE = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2,
-    "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
-}
 _ST_FLOATS = ("F64", "F32", "F16", "BF16")
 _SCAN_CHUNK = 1 << 24  # elements per isfinite() pass, to bound the temporary bool tensor
 _GRAPH_FORMATS = ("onnx", "plan", "triton", "trtllm")
@@ -195,52 +190,6 @@ def _short(e: BaseException) -> str:
 # --------------------------------------------------------------------------- weight files
 
 
-def read_safetensors_header(file: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """name -> (dtype, shape) of a .safetensors file, after checking that the header is
-    well formed and every tensor lies inside the file (BadInput otherwise)."""
-    def corrupt(why: str) -> BadInput:
-        return BadInput(f"{file} is truncated or corrupt ({why}); re-download the model")
-
-    try:
-        size = file.stat().st_size
-        with open(file, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise corrupt(f"{size} bytes, shorter than a safetensors header")
-            (n,) = struct.unpack("<Q", head)
-            if n > min(size - 8, _HEADER_LIMIT):
-                raise corrupt(f"header of {n} bytes in a {size}-byte file")
-            blob = f.read(n)
-    except OSError as e:
-        raise BadInput(f"cannot read {file} ({e.strerror or e}); check the file and its permissions") from None
-    try:
-        header = json.loads(blob)
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise corrupt(f"header is not JSON: {_short(e)}") from None
-    if not isinstance(header, dict):
-        raise corrupt("header is not a JSON object")
-    data_len = size - 8 - n
-    out = {}
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        if not isinstance(entry, dict):
-            raise corrupt(f"entry {name!r} is not an object")
-        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if not isinstance(dtype, str) or not isinstance(shape, list) or not isinstance(offsets, list) or len(offsets) != 2:
-            raise corrupt(f"entry {name!r} lacks dtype, shape or data_offsets")
-        if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in [*shape, *offsets]):
-            raise corrupt(f"entry {name!r} has a negative or non-integer shape or offset")
-        start, end = offsets
-        if not start <= end <= data_len:
-            raise corrupt(f"tensor {name} lies past the end of the file ({end} > {data_len} data bytes)")
-        item = _ST_ITEMSIZE.get(dtype)
-        if item is not None and math.prod(shape) * item != end - start:
-            raise corrupt(f"tensor {name} {dtype}{shape} needs {math.prod(shape) * item} bytes, the file gives it {end - start}")
-        out[name] = (dtype, tuple(shape))
-    return out
-
-
 def check_weights(model_path: Path) -> Checkpoint:
     """The weight files transformers will load, present and (for safetensors) intact."""
     index = model_path / "model.safetensors.index.json"
@@ -271,7 +220,8 @@ def check_weights(model_path: Path) -> Checkpoint:
     for shard in files:
         file = model_path / shard
         ckpt.bytes_on_disk += file.stat().st_size
-        for name, (dtype, shape) in read_safetensors_header(file).items():
+        for name, entry in read_header(file).items():
+            dtype, shape = entry.dtype, entry.shape
             if wmap is None or wmap.get(name) == shard:
                 ckpt.tensors[name] = (shard, dtype, shape)
     if wmap is not None:

@@ -20,10 +20,9 @@ from safetensors.torch import load_file, save_file
 
 from eora_export.errors import UsageError
 from eora_export.pipeline import RunConfig, compute, write_outputs
+from eora_export.safetensors_io import SafetensorsWriter, ShardedWriter
 from eora_export.streaming import (
     MANIFEST,
-    SafetensorsWriter,
-    ShardedWriter,
     StreamingCheckpoint,
     StreamOptions,
     count_parameters,

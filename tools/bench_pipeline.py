@@ -91,7 +91,7 @@ def build_checkpoint(folder: Path, shape: dict, layers: int, seed: int = 0) -> N
 
     shape: the config fields (``LLAMA2_7B``), passed explicitly so a spawned builder
     process uses the caller's values."""
-    from eora_export.streaming import SafetensorsWriter
+    from eora_export.safetensors_io import SafetensorsWriter
 
     folder.mkdir(parents=True, exist_ok=True)
     cfg = {**shape, "num_hidden_layers": layers}
