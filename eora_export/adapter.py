@@ -18,8 +18,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from .eora_linear import EoraLinear
 from .hf_compat import add_legacy_rope_keys, save_tokenizer
-from .modules import EoraLinear
 from .quant import QuantizedMatrix, pack_int4, unpack_int4
 
 

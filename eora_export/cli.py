@@ -130,7 +130,7 @@ def output_format(args: argparse.Namespace) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .deploy import artifacts_dir, write_deployment
+    from .deploy.graphs import artifacts_dir, write_deployment
     from .pipeline import RunConfig, compute, write_outputs
 
     fmt = output_format(args)
@@ -147,7 +147,7 @@ def _run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, seed=args.seed, format=fmt, deploy_out=None if fmt == "dir" else args.out,
     )
     if fmt == "trtllm":
-        from .trtllm import check_trtllm_config
+        from .deploy.trtllm import check_trtllm_config
 
         check_trtllm_config(cfg)  # before minutes of work, not after
     if _streams(args):
@@ -177,7 +177,7 @@ STREAMED_FORMATS = ("dir", "onnx", "plan", "triton")
 
 
 def _run_streaming(args: argparse.Namespace, fmt: str, cfg) -> int:
-    from .deploy import write_deployment
+    from .deploy.graphs import write_deployment
     from .models import resolve_model
     from .outputs import FolderResult
     from .streaming import StreamOptions, run_streaming

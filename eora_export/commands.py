@@ -18,8 +18,8 @@ def _parser(prog: str, description: str) -> argparse.ArgumentParser:
 def compare_main(argv: list[str]) -> int:
     """Polygraphy comparison of existing ONNX files on held-out text."""
     from .calibration import read_texts, token_windows
+    from .deploy.verify import compare_models, polygraphy_command
     from .models import DEMO_DIR
-    from .verify import compare_models, polygraphy_command
 
     p = _parser("compare", "Compare compensated ONNX models with the FP16 baseline: max/mean |Δlogits|, "
                 "top-1 agreement and perplexity, through Polygraphy (ONNX Runtime on the CPU).")
@@ -64,7 +64,7 @@ def compare_main(argv: list[str]) -> int:
 
 
 def _compare_plugin(flag: str | None) -> Path | None:
-    from .trt.plugin import PluginError, find_library
+    from .deploy.plugin import PluginError, find_library
 
     if flag:
         return Path(flag)
@@ -79,8 +79,8 @@ def _compare_trt(models: dict[str, Path], plugin: Path | None, replay, out: Path
     import shlex
     import subprocess
 
-    from .trt.build import missing_tensorrt_reason
-    from .verify import plugin_path
+    from .deploy.engine_build import missing_tensorrt_reason
+    from .deploy.verify import plugin_path
 
     reason = missing_tensorrt_reason()
     if reason is None and shutil.which("polygraphy") is None:
@@ -102,7 +102,7 @@ def _compare_trt(models: dict[str, Path], plugin: Path | None, replay, out: Path
 
 def build_plugin_main(argv: list[str]) -> int:
     """Compile libeora_plugin.so with CMake + nvcc against the TensorRT headers."""
-    from .trt.plugin import PluginError, build_plugin
+    from .deploy.plugin import PluginError, build_plugin
 
     p = _parser("build-plugin", "Build trt_plugins/ (CUDA + TensorRT headers) into libeora_plugin.so.")
     p.add_argument("--build-dir", type=Path, help="CMake build folder (default: build/trt_plugins in the repository)")
@@ -116,7 +116,7 @@ def build_plugin_main(argv: list[str]) -> int:
 
 
 def inspect_main(argv: list[str]) -> int:
-    from .inspect import describe
+    from .describe import describe
 
     p = _parser("inspect", "Print what is inside an eora-export output: ONNX graph, engine, folder, adapter, Triton repository.")
     p.add_argument("path", type=Path)
@@ -131,7 +131,7 @@ def inspect_main(argv: list[str]) -> int:
 def export_main(argv: list[str]) -> int:
     """Deployable outputs (ONNX, engine, Triton) from a finished output folder, one block in memory at a time."""
     from .cli import FORMATS, add_export_flags, output_format
-    from .deploy import write_deployment
+    from .deploy.graphs import write_deployment
     from .models import resolve_model
     from .outputs import FolderResult, original_model_path, read_quantization
 

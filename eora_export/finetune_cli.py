@@ -18,7 +18,7 @@ FINETUNE_FORMATS = ("dir", "onnx", "plan", "triton")
 
 def build_parser() -> argparse.ArgumentParser:
     from .cli import FORMATS, _Parser, add_export_flags
-    from .finetune import INITS
+    from .finetune.train import INITS
 
     p = _Parser(
         prog="eora-export finetune",
@@ -77,9 +77,9 @@ def finetune_main(argv: list[str]) -> int:
     if "--quiet" in argv:
         _quiet()  # before anything imports tqdm, which reads TQDM_DISABLE once
     from .cli import output_format
-    from .deploy import artifacts_dir
-    from .finetune_io import write_finetuned
-    from .finetune_job import FinetuneConfig, build_report, compare_inits, output_meta, prepare, train_from
+    from .deploy.graphs import artifacts_dir
+    from .finetune.folders import write_finetuned
+    from .finetune.job import FinetuneConfig, build_report, compare_inits, output_meta, prepare, train_from
     from .validate import check_output_location
 
     args = build_parser().parse_args(argv)
@@ -109,7 +109,7 @@ def finetune_main(argv: list[str]) -> int:
     print(f"fine-tuned adapter, compressed checkpoint and report: {out}/")
     if fmt == "dir":
         return 0
-    from .deploy import write_deployment
+    from .deploy.graphs import write_deployment
     from .outputs import FolderResult
 
     args.verify = False

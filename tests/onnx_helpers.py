@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from eora_export import quant
-from eora_export.modules import EoraLinear
+from eora_export.eora_linear import EoraLinear
 
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

@@ -20,13 +20,13 @@ import onnx
 import pytest
 import torch
 
-from eora_export import deploy
 from eora_export.cli import main
+from eora_export.deploy import engine_build as trt_build
+from eora_export.deploy import graphs as deploy
+from eora_export.deploy.engine_build import ShapeProfile, build_engine, trtexec_command
+from eora_export.deploy.triton import TritonModel, config_pbtxt
 from eora_export.errors import MissingDependency
 from eora_export.pipeline import RunConfig, compute
-from eora_export.trt import build as trt_build
-from eora_export.trt.build import ShapeProfile, build_engine, trtexec_command
-from eora_export.trt.triton import TritonModel, config_pbtxt
 
 GROUP = 64  # TensorRT-LLM takes 64 or 128; the tiny model's widths are 128 and 256
 RANK = 8
@@ -304,9 +304,9 @@ def test_plan_without_plugin_library_points_the_script_at_the_build_folder(run_c
     """No plugin here: the script takes $EORA_PLUGIN_LIB, else the absolute path `eora-export build-plugin`
     writes, never a bare name (trtexec dlopens --dynamicPlugins, which searches the library path only)."""
     build_dir = tmp_path / "checkout" / "build" / "trt_plugins"
-    monkeypatch.setattr("eora_export.trt.plugin.DEFAULT_BUILD_DIR", build_dir)
+    monkeypatch.setattr("eora_export.deploy.plugin.DEFAULT_BUILD_DIR", build_dir)
     monkeypatch.delenv("EORA_PLUGIN_LIB", raising=False)
-    monkeypatch.setattr("eora_export.trt.plugin.find_library", lambda: None)
+    monkeypatch.setattr("eora_export.deploy.plugin.find_library", lambda: None)
     plan = tmp_path / "demo.plan"
     code, _, err = run_cli(plan)
     assert code == 5 and len(error_lines(err)) == 1
@@ -575,7 +575,7 @@ def test_triton_write_is_atomic(run_cli, no_tensorrt, monkeypatch, tmp_path):
     def broken(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("eora_export.trt.triton.write_model_dir", broken)
+    monkeypatch.setattr("eora_export.deploy.triton.write_model_dir", broken)
     code, _, err = run_cli(repo, "--format", "triton")
     assert code == 4 and len(error_lines(err)) == 1
     # The old model folder is intact and the repository's other models are untouched.

@@ -18,10 +18,10 @@ from safetensors.torch import load_file, save_file
 
 from eora_export.cli import main
 from eora_export.compensate.apply import swapped
+from eora_export.eora_linear import EoraLinear
 from eora_export.evaluate import mean_nll
-from eora_export.finetune import INITS, TrainableEora, batch_schedule, lora_init, requantize, split_windows
-from eora_export.finetune_job import FinetuneConfig, build_report, compare_inits, prepare, train_from
-from eora_export.modules import EoraLinear
+from eora_export.finetune.job import FinetuneConfig, build_report, compare_inits, prepare, train_from
+from eora_export.finetune.train import INITS, TrainableEora, batch_schedule, lora_init, requantize, split_windows
 from eora_export.pipeline import RunConfig, compute, write_outputs
 from eora_export.quant import quantize
 
@@ -151,7 +151,7 @@ def test_interrupt_leaves_no_output(finetune, monkeypatch, tmp_path):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("eora_export.finetune_job.train_factors", interrupted)
+    monkeypatch.setattr("eora_export.finetune.job.train_factors", interrupted)
     out = tmp_path / "ft"
     code, _, err = finetune(out, "--steps", "3")
     assert code == 130 and "no partial output" in err
@@ -160,7 +160,7 @@ def test_interrupt_leaves_no_output(finetune, monkeypatch, tmp_path):
 
 def test_onnx_output_runs_the_fine_tuned_factors(finetune, export, tmp_path):
     """--out X.onnx: the folder beside it, then graphs whose logits are the fine-tuned model's."""
-    from eora_export.finetune_io import load_adapter, load_base, start_modules
+    from eora_export.finetune.folders import load_adapter, load_base, start_modules
     from eora_export.models import load_model
     from eora_export.onnx.runtime import make_session
 
@@ -301,7 +301,7 @@ def test_schedule_split_and_lora_init_are_deterministic():
 def test_jsonl_data_splits_into_train_and_held_out_windows(tiny_model_dir, tmp_path):
     from transformers import AutoTokenizer
 
-    from eora_export.finetune_job import data_windows
+    from eora_export.finetune.job import data_windows
 
     text = (tiny_model_dir / "calib.txt").read_text()
     data = tmp_path / "data.jsonl"

@@ -41,7 +41,7 @@ def _run(args: list[str], env: dict | None = None) -> subprocess.CompletedProces
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is present: the check would run for real")
 def test_dry_run_stops_at_the_first_gpu_call_with_one_line(tmp_path):
     try:
-        from eora_export.trt import plugin as tp
+        from eora_export.deploy import plugin as tp
 
         tp.find_tensorrt_include()
     except Exception as e:  # any reason the headers are not here

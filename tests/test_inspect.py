@@ -12,13 +12,13 @@ import torch
 from onnx import TensorProto, helper
 from test_deploy import RANK, FakeTRT, error_lines, shared_onnx, shared_run
 
-from eora_export import inspect as ins
 from eora_export.adapter import save_peft_adapter
 from eora_export.cli import main
+from eora_export.deploy.triton import TritonModel, write_repository
+from eora_export.describe import describe, inspect_path
+from eora_export.describe import detect as ins
 from eora_export.errors import BadInput, MissingInput
-from eora_export.inspect import describe, inspect_path
 from eora_export.pipeline import write_outputs
-from eora_export.trt.triton import TritonModel, write_repository
 
 LAYERS = 14  # 7 Linears in each of the tiny model's 2 layers
 
@@ -193,12 +193,12 @@ def test_corrupt_json_and_safetensors(output_dir, tmp_path):
     _bad(broken, "not valid JSON")
     (broken / "adapter_config.json").write_text("{}")
     (broken / "adapter_model.safetensors").write_bytes((10**12).to_bytes(8, "little") + b"{}")
-    _bad(broken, "header length")
+    _bad(broken, "header of 1000000000000 bytes")
     (broken / "adapter_model.safetensors").write_bytes((2).to_bytes(8, "little") + b"[]")
-    _bad(broken, "corrupt safetensors header")
+    _bad(broken, "header is not a JSON object")
     header = json.dumps({"t": {"dtype": "F16", "shape": [9], "data_offsets": [0, 99]}}).encode()
     (broken / "adapter_model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + bytes(18))
-    _bad(broken, "points outside the file")
+    _bad(broken, "lies past the end of the file")
 
 
 def test_triton_repository(graphs, tmp_path):

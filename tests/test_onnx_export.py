@@ -11,7 +11,7 @@ import pytest
 import torch
 from onnx_helpers import compress_llama, tiny_llama
 
-from eora_export.modules import EoraLinear
+from eora_export.eora_linear import EoraLinear
 from eora_export.onnx import spec
 from eora_export.onnx.export import export_baseline_onnx, export_onnx
 from eora_export.onnx.runtime import make_session

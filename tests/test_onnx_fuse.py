@@ -10,7 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx_helpers import make_eora_linear
 
 from eora_export import quant
-from eora_export.modules import EoraLinear
+from eora_export.eora_linear import EoraLinear
 from eora_export.onnx import spec
 from eora_export.onnx.fuse import fuse, unfuse
 from eora_export.onnx.pattern import LinearWeights, pattern_model

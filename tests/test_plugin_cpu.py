@@ -32,9 +32,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from eora_export.deploy import plugin as tp
 from eora_export.onnx import spec
 from eora_export.quant import dequantize, pack_int4, quantize
-from eora_export.trt import plugin as tp
 
 REPO = Path(__file__).resolve().parents[1]
 PLUGIN_DIR = REPO / "trt_plugins" / "eora_linear"
@@ -381,7 +381,7 @@ def test_ctypes_entry_points_without_gpu(plugin_build):
 def test_gemv_crossover_ignores_the_runtime_environment(plugin_build):
     """EORA_GEMV_MAX_M at run time must not change the plan an engine was sized for (issue 14)."""
     code = (
-        "from eora_export.trt import plugin as tp\n"
+        "from eora_export.deploy import plugin as tp\n"
         f"tp.load_plugin({str(plugin_build / tp.LIB_NAME)!r})\n"
         "a = {'in_features': 4096, 'out_features': 4096, 'rank': 128, 'weight_bits': 4, 'group_size': 128,"
         " 'lowrank_bits': 4, 'lowrank_group_size': 64, 'sparse24': 0, 'has_bias': 0}\n"
@@ -455,7 +455,7 @@ def test_plugin_config_yaml_matches_spec():
 @pytest.mark.parametrize("wbits,lbits,rank", [(4, 4, 8), (3, 8, 8), (16, 16, 4), (4, 16, 0)])
 def test_plugin_inputs_have_the_spec_layout(wbits, lbits, rank):
     """The tensors handed to the kernel are the fused node's constants: shapes, dtypes and packed codes."""
-    from eora_export.modules import EoraLinear
+    from eora_export.eora_linear import EoraLinear
 
     g = torch.Generator().manual_seed(wbits + lbits + rank)
     k, n = 32, 16
@@ -663,7 +663,7 @@ def test_python_api_order_import_tensorrt_first(plugin_build, fake_nvinfer, tmp_
     lib = str(plugin_build / tp.LIB_NAME)
     load = {"load_library": f"trt.get_plugin_registry().load_library({lib!r})",
             "ctypes": f"ctypes.CDLL({lib!r})",
-            "load_plugin": f"from eora_export.trt import plugin as tp\ntp.load_plugin({lib!r})"}[how]
+            "load_plugin": f"from eora_export.deploy import plugin as tp\ntp.load_plugin({lib!r})"}[how]
     body = f"import tensorrt as trt\n{load}\nprint(repr([trt.registrations(), trt.parser_finds()]))\n"
     regs, found = _consumer_run(tmp_path, fake_nvinfer, body)
     assert found and regs == [f"eora::EoraLinear/1@{'library' if how == 'load_library' else 'static'}"], regs

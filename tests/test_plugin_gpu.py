@@ -15,9 +15,9 @@ import functools
 import pytest
 import torch
 
-from eora_export.modules import EoraLinear
+from eora_export.deploy import plugin as tp
+from eora_export.eora_linear import EoraLinear
 from eora_export.quant import quantize
-from eora_export.trt import plugin as tp
 
 pytestmark = [
     pytest.mark.gpu,

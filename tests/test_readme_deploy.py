@@ -9,10 +9,10 @@ import subprocess
 from pathlib import Path
 
 from eora_export.cli import build_parser
+from eora_export.deploy.triton import serve_command
+from eora_export.deploy.trtllm import HF_TO_TRTLLM_LORA, trtllm_readme
+from eora_export.deploy.verify import polygraphy_command
 from eora_export.models import DEMO_DIR
-from eora_export.trt.triton import serve_command
-from eora_export.trtllm import HF_TO_TRTLLM_LORA, trtllm_readme
-from eora_export.verify import polygraphy_command
 
 ROOT = Path(__file__).resolve().parents[1]
 # The example locations the README uses for an absolute path.

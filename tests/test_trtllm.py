@@ -15,11 +15,7 @@ from test_deploy import GROUP, RANK, cli_args, debris, error_lines, shared_run
 
 from eora_export.cli import main
 from eora_export.compensate.apply import swapped
-from eora_export.errors import BadInput, UsageError
-from eora_export.hf_compat import rope_settings
-from eora_export.modules import EoraLinear
-from eora_export.quant import QuantizedMatrix, quantize
-from eora_export.trtllm import (
+from eora_export.deploy.trtllm import (
     HF_TO_TRTLLM_LORA,
     check_trtllm_config,
     decode_unified_checkpoint,
@@ -27,6 +23,10 @@ from eora_export.trtllm import (
     lora_factors,
     write_trtllm,
 )
+from eora_export.eora_linear import EoraLinear
+from eora_export.errors import BadInput, UsageError
+from eora_export.hf_compat import rope_settings
+from eora_export.quant import QuantizedMatrix, quantize
 
 # TensorRT-LLM checkpoint names of a Llama layer's fused GEMMs, in concatenation order.
 TRTLLM_GEMMS = {"attention.qkv": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
@@ -222,7 +222,7 @@ def test_failed_export_leaves_previous_output(tiny_model_dir, monkeypatch, tmp_p
         (dest / "model.safetensors").write_bytes(b"half written")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("eora_export.trtllm._export_unified", broken)
+    monkeypatch.setattr("eora_export.deploy.trtllm._export_unified", broken)
     with pytest.raises(OSError, match="No space"):
         write_trtllm(SimpleNamespace(), cfg, result, out)
     assert sorted(p.name for p in out.iterdir()) == ["README.md"] and (out / "README.md").read_text() == "previous"
@@ -231,8 +231,8 @@ def test_failed_export_leaves_previous_output(tiny_model_dir, monkeypatch, tmp_p
 
 def test_fp16_sparse_base_exports_unquantized(tiny_model_dir, tmp_path):
     """--quant none --sparsity ...: the checkpoint is plain FP16 (with the 2:4 zeros), no quantization config."""
+    from eora_export.deploy.trtllm import _export_unified, _modelopt
     from eora_export.models import load_model
-    from eora_export.trtllm import _export_unified, _modelopt
 
     _, result = shared_run(tiny_model_dir)
     name = "model.layers.0.mlp.down_proj"
@@ -320,7 +320,7 @@ def _llama3_model_dir(src: Path, dest: Path, form: str) -> Path:
 def test_llama3_rope_reaches_both_checkpoints(tiny_model_dir, tmp_path, form):
     from transformers import AutoConfig
 
-    from eora_export.trtllm import _export_trtllm, _export_unified, _modelopt
+    from eora_export.deploy.trtllm import _export_trtllm, _export_unified, _modelopt
 
     model_dir = _llama3_model_dir(tiny_model_dir, tmp_path / "llama3", form)
     source = SimpleNamespace(model_path=model_dir, tokenizer=None)
@@ -362,7 +362,7 @@ def test_engine_build_recipe_follows_the_model(exported, tiny_model_dir):
 
 
 def test_trtllm_gemm_names_match_the_checkpoint(exported):
-    from eora_export.trtllm import decode_trtllm_checkpoint, trtllm_gemm_weights
+    from eora_export.deploy.trtllm import decode_trtllm_checkpoint, trtllm_gemm_weights
 
     out, result = exported
     decoded, want = decode_trtllm_checkpoint(out / "trtllm_checkpoint"), trtllm_gemm_weights(_modules(result))
@@ -372,7 +372,7 @@ def test_trtllm_gemm_names_match_the_checkpoint(exported):
 
 def test_differing_fused_smoothing_is_refused_in_one_line(tiny_model_dir, monkeypatch, capsys, tmp_path):
     """ModelOpt averages differing q/k/v pre-quant scales and re-quantizes: refused before it can."""
-    import eora_export.trtllm as trtllm
+    import eora_export.deploy.trtllm as trtllm
 
     _, result = shared_run(tiny_model_dir)
     real = trtllm._quantize
@@ -396,7 +396,7 @@ def test_a_code_changed_by_the_export_is_refused_in_one_line(tiny_model_dir, mon
     """Both checkpoints are decoded after the export; one flipped nibble in trtllm_checkpoint fails the run."""
     from safetensors.torch import save_file
 
-    import eora_export.trtllm as trtllm
+    import eora_export.deploy.trtllm as trtllm
 
     cfg, result = shared_run(tiny_model_dir)
     mtq, mte = trtllm._modelopt()

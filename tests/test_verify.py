@@ -16,9 +16,9 @@ import pytest
 import torch
 from onnx_helpers import compress_llama, tiny_llama
 
+from eora_export.deploy.verify import compare_models, nll, polygraphy_command, token_windows
 from eora_export.onnx.export import export_baseline_onnx, export_onnx
 from eora_export.onnx.runtime import make_session
-from eora_export.verify import compare_models, nll, polygraphy_command, token_windows
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +110,7 @@ def test_polygraphy_command_line(monkeypatch, tmp_path):
 
 def test_polygraphy_command_names_the_plugin_by_absolute_path(monkeypatch, tmp_path):
     """Polygraphy loads --plugins with ctypes.CDLL: a bare name is looked up on the library path, not here."""
-    from eora_export.trt.plugin import DEFAULT_BUILD_DIR, LIB_NAME
+    from eora_export.deploy.plugin import DEFAULT_BUILD_DIR, LIB_NAME
 
     monkeypatch.chdir(tmp_path)
     paths = _replay_paths(polygraphy_command("g.onnx", "build/libeora_plugin.so", inputs_json="v/in.json",
@@ -148,11 +148,11 @@ def test_verify_prints_an_absolute_replay_without_a_plugin(monkeypatch, tmp_path
     """``--verify`` with a relative --out and no plugin built: every path of the printed replay is absolute."""
     from types import SimpleNamespace
 
-    from eora_export import deploy
+    from eora_export.deploy import graphs as deploy
 
     build_dir = tmp_path / "checkout" / "build" / "trt_plugins"
-    monkeypatch.setattr("eora_export.trt.plugin.DEFAULT_BUILD_DIR", build_dir)
-    monkeypatch.setattr("eora_export.trt.plugin.find_library", lambda: None)
+    monkeypatch.setattr("eora_export.deploy.plugin.DEFAULT_BUILD_DIR", build_dir)
+    monkeypatch.setattr("eora_export.deploy.plugin.find_library", lambda: None)
     monkeypatch.setattr(deploy, "verify_onnx", lambda *a, **k: SimpleNamespace(table=lambda: "table"))
     monkeypatch.chdir(tmp_path)
     cfg = SimpleNamespace(out=Path("demo.eora"), seq_len=32)
@@ -203,8 +203,8 @@ def test_compare_trt_without_tensorrt_names_the_replay_command(monkeypatch, tmp_
 
 def test_compare_trt_runs_each_model_and_fails_on_a_failed_check(monkeypatch, tmp_path, capsys):
     from eora_export import commands
+    from eora_export.deploy import engine_build as build
     from eora_export.errors import MissingInput
-    from eora_export.trt import build
 
     monkeypatch.setattr(build, "missing_tensorrt_reason", lambda: None)
     monkeypatch.setattr(commands.shutil, "which", lambda name: "/usr/bin/polygraphy")

@@ -26,7 +26,7 @@ JSON ("targets": name, measured, goal, pass) and printed; --check makes a missed
     python tools/bench_kernels.py                      # table + bench_kernels.{json,png} in --out
     python tools/bench_kernels.py --ms 1 16 256 --shapes 4096x4096
 
-Needs a CUDA GPU and the plugin library (built on demand with eora_export.trt.plugin.build_plugin).
+Needs a CUDA GPU and the plugin library (built on demand with eora_export.deploy.plugin.build_plugin).
 """
 
 from __future__ import annotations
@@ -335,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         print("bench_kernels: no CUDA GPU (torch.cuda.is_available() is False); run it on a GPU machine",
               file=sys.stderr)
         return 1
-    from eora_export.trt import plugin as tp
+    from eora_export.deploy import plugin as tp
 
     device = torch.cuda.get_device_name()
     if args.peak_gbps is None:

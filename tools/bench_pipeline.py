@@ -342,7 +342,7 @@ def run(args: argparse.Namespace) -> dict:
         export = None
         if args.export:
             # The graphs of --out X.onnx / X.plan, written from the finished folder one block at a time.
-            from eora_export.deploy import write_onnx
+            from eora_export.deploy.graphs import write_onnx
             from eora_export.outputs import FolderResult
 
             t = time.perf_counter()

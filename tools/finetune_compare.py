@@ -2,7 +2,7 @@
 """Fine-tuning from EoRA vs SVD vs LoRA (B = 0) initialisation, over learning rates.
 
 For each learning rate, trains the factors of an eora-export adapter from each init with
-the same steps, seed and batches (eora_export.finetune_job.train_from), and reports the
+the same steps, seed and batches (eora_export.finetune.job.train_from), and reports the
 held-out perplexity of the re-quantized factors at several steps, as a Markdown table
 (the README's "Fine-tuning from EoRA" table) and JSON.
 
@@ -28,8 +28,8 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from eora_export.finetune import INITS  # noqa: E402
-from eora_export.finetune_job import FinetuneConfig, prepare, train_from  # noqa: E402
+from eora_export.finetune.job import FinetuneConfig, prepare, train_from  # noqa: E402
+from eora_export.finetune.train import INITS  # noqa: E402
 
 
 def _floats(text: str) -> list[float]:

@@ -29,7 +29,7 @@ LAYER = {"in_features": 256, "out_features": 256, "rank": 16, "group_size": 128,
 def example_layer():
     """The EoraLinear of the example graphs (numpy RandomState: stable across versions)."""
     from eora_export import quant
-    from eora_export.modules import EoraLinear
+    from eora_export.eora_linear import EoraLinear
 
     rs = np.random.RandomState(2024)
     k, n, r = LAYER["in_features"], LAYER["out_features"], LAYER["rank"]

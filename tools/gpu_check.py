@@ -134,7 +134,7 @@ def headers_folder() -> Path | None:
     if (HEADERS_FOLDER / "NvInferRuntime.h").is_file():
         return HEADERS_FOLDER
     sys.path.insert(0, str(REPO))
-    from eora_export.trt import plugin as tp
+    from eora_export.deploy import plugin as tp
 
     try:
         return tp.find_tensorrt_include()
@@ -210,7 +210,7 @@ def build(check: Check, env: dict[str, str]) -> None:
     lib = build_dir / "libeora_plugin.so"
     jobs = os.cpu_count() or 4
     code = (f"import sys; sys.path.insert(0, {str(REPO)!r})\n"
-            "from eora_export.trt import plugin as tp\n"
+            "from eora_export.deploy import plugin as tp\n"
             f"tp.build_plugin({str(build_dir)!r}, jobs={jobs}, cuda_archs={check.info['arch']!r}, "
             f"tensorrt_include={check.info['tensorrt_include']!r}, targets=('eora_plugin',))\n")
     rc, secs = run_logged([sys.executable, "-c", code], check.out / "build.log", min(240.0, check.left()), env)

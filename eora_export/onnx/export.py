@@ -35,7 +35,7 @@ import torch
 from onnx import TensorProto, helper
 from torch import nn
 
-from ..modules import EoraLinear
+from ..eora_linear import EoraLinear
 from .builder import EXTERNAL_THRESHOLD_BYTES, ExternalDataFile, GraphBuilder, InitializerSink, save_model
 from .fuse import emit_fused
 from .pattern import OPSET, LinearWeights, emit

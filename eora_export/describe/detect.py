@@ -1,4 +1,4 @@
-"""``eora-export inspect FILE``: what is inside an output, without running it.
+"""What is inside an output, as a dict with a ``kind`` key: detection and reading.
 
 Recognized: a fused or pattern ONNX graph, a TensorRT plan, a safetensors file, an eora-export
 output folder (report.json, adapter/, base/), a PEFT adapter, a Triton repository or model
@@ -16,21 +16,15 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from .errors import BadInput, MissingInput
+from ..errors import BadInput, MissingInput
+from ..safetensors_io import read_header
+from .render import fmt_bytes as _fmt_bytes
 
 MAX_ONNX_BYTES = 2 * 2**30  # protobuf cannot hold more; larger graphs keep weights in external data
 MAX_EXTERNAL_LOAD_BYTES = 4 * 2**30  # external weights read for pattern matching; skipped above this
 MAX_JSON_BYTES = 64 * 2**20
 MAX_TEXT_BYTES = 2**20
 HEADER_BYTES = 32
-
-
-def describe(path: str | Path, as_json: bool = False) -> str:
-    """A human-readable (or JSON) description of ``path``; raises BadInput for what it cannot read."""
-    info = inspect_path(Path(path))
-    if as_json:
-        return json.dumps(info, indent=2, default=str)
-    return render(info)
 
 
 def inspect_path(path: Path) -> dict[str, Any]:
@@ -118,49 +112,14 @@ def _read_text(path: Path, limit: int = MAX_TEXT_BYTES) -> str:
         raise BadInput(f"{path} is not UTF-8 text ({e})") from None
 
 
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
-
-
 def _one_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
 
 
 def safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
-    """``{name: {"dtype", "shape", "bytes"}}`` from the file's JSON header, without reading tensors."""
-    import struct
-
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise BadInput(f"{path} is too short to be a safetensors file")
-        (n,) = struct.unpack("<Q", raw)
-        if n > min(size - 8, 100 * 2**20):
-            raise BadInput(f"{path}: safetensors header length {n} is impossible for a {size}-byte file")
-        try:
-            header = json.loads(f.read(n).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-            raise BadInput(f"{path}: corrupt safetensors header ({_one_line(e)})") from None
-    if not isinstance(header, dict):
-        raise BadInput(f"{path}: corrupt safetensors header (not a JSON object)")
-    out = {}
-    for key, entry in header.items():
-        if key == "__metadata__":
-            continue
-        try:
-            start, end = (int(x) for x in entry["data_offsets"])
-            out[key] = {"dtype": str(entry["dtype"]), "shape": [int(d) for d in entry["shape"]], "bytes": end - start}
-        except (KeyError, TypeError, ValueError):
-            raise BadInput(f"{path}: corrupt safetensors header entry {key!r}") from None
-        if start < 0 or end < start or end > size - 8 - n:
-            raise BadInput(f"{path}: tensor {key!r} points outside the file")
-    return out
+    """``{name: {"dtype", "shape", "bytes"}}`` from the file's checked header (:func:`read_header`), without reading tensors."""
+    return {name: {"dtype": t.dtype, "shape": list(t.shape), "bytes": t.nbytes} for name, t in read_header(path).items()}
 
 
 def inspect_safetensors(path: Path) -> dict[str, Any]:
@@ -217,8 +176,8 @@ def inspect_onnx(path: Path) -> dict[str, Any]:
 
 
 def _fused_layers(graph: Any) -> dict[str, Any]:
-    from .onnx import spec
-    from .onnx.fuse import node_attrs
+    from ..onnx import spec
+    from ..onnx.fuse import node_attrs
 
     layers, invalid = [], []
     for node in graph.node:
@@ -239,7 +198,7 @@ def _fused_layers(graph: Any) -> dict[str, Any]:
 
 def _pattern_layers(model: Any, path: Path, external: int) -> dict[str, Any]:
     """Unfused EoraLinear patterns, found by the same matcher ``fuse`` uses (on a copy)."""
-    from .onnx.fuse import fuse
+    from ..onnx.fuse import fuse
 
     if external:
         if external > MAX_EXTERNAL_LOAD_BYTES:
@@ -288,7 +247,7 @@ PLAN_MAGIC = b"ftrt"  # first four bytes of TensorRT's serialized engines
 
 def inspect_plan(path: Path) -> dict[str, Any]:
     """Header and neighbours of a plan; with TensorRT and a GPU, its I/O tensors and layers."""
-    from .trt.build import missing_tensorrt_reason
+    from ..deploy.engine_build import missing_tensorrt_reason
 
     size = path.stat().st_size
     if size == 0:
@@ -315,7 +274,7 @@ def inspect_plan(path: Path) -> dict[str, Any]:
 def _deserialize(path: Path) -> dict[str, Any]:
     import tensorrt as trt
 
-    from .trt.plugin import LIB_NAME, PluginError, find_library
+    from ..deploy.plugin import LIB_NAME, PluginError, find_library
 
     logger = trt.Logger(trt.Logger.ERROR)
     lib = path.parent / LIB_NAME
@@ -502,151 +461,3 @@ def inspect_triton_repository(path: Path) -> dict[str, Any]:
     readme = path / "README.md"
     serve = [line.strip() for line in _read_text(readme).splitlines() if "tritonserver" in line] if readme.is_file() else []
     return {"kind": "triton_repository", "path": str(path), "models": models, "serve": serve}
-
-
-# --------------------------------------------------------------------------- text rendering
-
-
-def _table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> list[str]:
-    if not rows:
-        return []
-    cells = [[h for _, h in columns]] + [[str(r.get(k, "")) for k, _ in columns] for r in rows]
-    widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
-    return ["  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
-
-
-LAYER_COLUMNS = [("name", "layer"), ("in_features", "in"), ("out_features", "out"), ("rank", "rank"), ("weight_bits", "bits"),
-                 ("group_size", "group"), ("lowrank_bits", "lr_bits"), ("sparse24", "2:4"), ("has_bias", "bias")]
-
-
-def render(info: dict[str, Any]) -> str:
-    """Text form of :func:`inspect_path`'s dict."""
-    kind = info["kind"]
-    lines = [f"{info.get('path')}: {kind.replace('_', ' ')}"]
-    lines += RENDERERS.get(kind, _render_generic)(info)
-    return "\n".join(lines)
-
-
-def _render_generic(info: dict[str, Any]) -> list[str]:
-    return [f"  {k}: {v}" for k, v in info.items() if k not in ("kind", "path") and not isinstance(v, (list, dict))]
-
-
-def _render_onnx(info: dict[str, Any]) -> list[str]:
-    external = info["external_data_bytes"]
-    where = f", {_fmt_bytes(external)} external in {', '.join(info['external_data_files'])}" if external else ""
-    out = [f"  size {_fmt_bytes(info['bytes'])}; initializers {info['initializers']} ({_fmt_bytes(info['initializer_bytes'])}{where}); "
-           f"{info['nodes']} nodes; opsets {info['opsets']}",
-           "  inputs:  " + ", ".join(f"{v['name']} {v['dtype']} {v['shape']}" for v in info["inputs"]),
-           "  outputs: " + ", ".join(f"{v['name']} {v['dtype']} {v['shape']}" for v in info["outputs"])]
-    if info["eora_linear_nodes"]:
-        p = info["plugin"]
-        out.append(f"  fused: {info['eora_linear_nodes']} EoraLinear node(s), plugin {p['name']} version {','.join(p['versions'])} "
-                   f"namespace {','.join(p['namespaces'])} (this eora-export writes version {p['spec_version']})")
-        out += _table(info["fused_layers"], LAYER_COLUMNS)
-    for bad in info["invalid_fused_nodes"]:
-        out.append(f"  invalid EoraLinear node {bad['name']}: {bad['reason']}")
-    if info.get("pattern_layers"):
-        out.append(f"  unfused: {len(info['pattern_layers'])} EoraLinear pattern(s) (eora-export would fuse them)")
-        out += _table(info["pattern_layers"], LAYER_COLUMNS)
-    elif not info["eora_linear_nodes"]:
-        out.append("  no EoraLinear nodes or patterns")
-    if info.get("pattern_note"):
-        out.append(f"  {info['pattern_note']}")
-    for miss in info.get("near_misses", []):
-        out.append(f"  not fused: {miss['name']}: {miss['reason']}")
-    return out
-
-
-def _render_plan(info: dict[str, Any]) -> list[str]:
-    out = [f"  size {_fmt_bytes(info['bytes'])}; header {info['header_hex']} "
-           f"({'TensorRT plan magic' if info['magic_ok'] else 'no TensorRT plan magic: probably not an engine'})"]
-    out += [f"  beside it: {k} {v}" for k, v in info["beside"].items()]
-    if info.get("note"):
-        out.append(f"  {info['note']}")
-    engine = info.get("engine")
-    if engine:
-        out.append(f"  {engine['num_layers']} layers ({engine['eora_linear_layers']} EoraLinear), "
-                   f"{engine['optimization_profiles']} optimization profile(s), plugin {engine['plugin_library']}")
-        out += [f"  {t['mode'].lower():6} {t['name']} {t['dtype']} {t['shape']}" for t in engine["io_tensors"]]
-    return out
-
-
-def _render_adapter(info: dict[str, Any]) -> list[str]:
-    out = [f"  {info['peft_type']} r={info['r']} lora_alpha={info['lora_alpha']} (scaling {info['scaling']}); "
-           f"{info['layers']} layers, ranks {info['ranks']}; {_fmt_bytes(info['bytes'])} {info['dtypes']}",
-           f"  target_modules: {info['target_modules']}"]
-    if info["rank_pattern"]:
-        out.append(f"  rank_pattern: {info['rank_pattern']}")
-    if info.get("eora"):
-        out.append(f"  eora: {info['eora']}")
-    out += [f"  problem: {p}" for p in info["problems"]]
-    return out
-
-
-def _render_base(info: dict[str, Any]) -> list[str]:
-    out = [f"  {info['quant']} {info['bits']}-bit, group {info['group_size']}, sparsity {info['sparsity']}, method {info['method']}; "
-           f"{info['layers']} compressed layers"]
-    out += [f"  {f['layers']} layers: {f['bits']} bits, group {f['group_size']}, 2:4 {f['sparse24']}" for f in info["formats"]]
-    out += [f"  {name}: {_fmt_bytes(size)}" for name, size in info["files"].items()]
-    return out
-
-
-def _render_eora_output(info: dict[str, Any]) -> list[str]:
-    out = [f"  model {info['model']}, eora-export {info['version']}, config {info['config']}"]
-    if info.get("table"):
-        out += ["  " + line for line in str(info["table"]).splitlines()]
-    for key, fn in (("adapter", _render_adapter), ("base", _render_base)):
-        if key in info:
-            out.append(f"  {key}/:")
-            out += ["  " + line for line in fn(info[key])]
-    if info.get("deployables"):
-        out.append(f"  deployables: {', '.join(info['deployables'])}")
-    return out
-
-
-def _render_checkpoint(info: dict[str, Any]) -> list[str]:
-    return [f"  {info['architecture']}: {info['quant_algo'] or 'unquantized'} group {info['group_size']}, "
-            f"{info['int4_layers']} INT4 tensors of {info['tensors']}, {_fmt_bytes(info['bytes'])}; excluded {info['exclude_modules']}"]
-
-
-def _render_trtllm_output(info: dict[str, Any]) -> list[str]:
-    out = ["  checkpoint/ (LLM API):"] + ["  " + line for line in _render_checkpoint(info["checkpoint"])]
-    if "trtllm_checkpoint" in info:
-        out += ["  trtllm_checkpoint/ (trtllm-build):"] + ["  " + line for line in _render_checkpoint(info["trtllm_checkpoint"])]
-    if "lora" in info:
-        out += ["  lora/:"] + ["  " + line for line in _render_adapter(info["lora"])]
-    return out
-
-
-def _render_triton_model(info: dict[str, Any]) -> list[str]:
-    c = info["config"]
-    if c.get("schema") is None:
-        return ["  config.pbtxt (tritonclient not installed; raw text):"] + ["    " + line for line in c["text"].splitlines()]
-    out = [f"  {c['name']}: platform {c['platform'] or c['backend']}, max_batch_size {c['max_batch_size']}, "
-           f"dynamic batching {'on' if c['dynamic_batching'] else 'off'}, instances {c['instance_groups']}"]
-    out += [f"  input  {v['name']} {v['dtype']} {v['dims']}" for v in c["inputs"]]
-    out += [f"  output {v['name']} {v['dtype']} {v['dims']}" for v in c["outputs"]]
-    for version, files in info["versions"].items():
-        out.append(f"  version {version}: " + ", ".join(f"{n} ({_fmt_bytes(s)})" for n, s in files.items()))
-    return out
-
-
-def _render_triton_repository(info: dict[str, Any]) -> list[str]:
-    out = []
-    for m in info["models"]:
-        out.append(f"  model {Path(m['path']).name}/")
-        out += ["  " + line for line in _render_triton_model(m)]
-    out += [f"  serve: {s}" for s in info["serve"]]
-    return out
-
-
-def _render_safetensors(info: dict[str, Any]) -> list[str]:
-    return [f"  {info['tensors']} tensors, {_fmt_bytes(info['bytes'])}, dtypes {info['dtypes']}"]
-
-
-RENDERERS = {
-    "onnx": _render_onnx, "tensorrt_plan": _render_plan, "peft_adapter": _render_adapter, "eora_base": _render_base,
-    "eora_output": _render_eora_output, "modelopt_hf_checkpoint": _render_checkpoint, "trtllm_checkpoint": _render_checkpoint,
-    "trtllm_output": _render_trtllm_output, "triton_model": _render_triton_model, "triton_repository": _render_triton_repository,
-    "safetensors": _render_safetensors,
-}

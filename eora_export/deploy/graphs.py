@@ -13,13 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .atomic import atomic_dir, atomic_file, default_mode
-from .compensate.apply import compensate_layers, swapped
-from .errors import MissingDependency, MissingInput, UsageError
+from ..atomic import atomic_dir, atomic_file, default_mode
+from ..compensate.apply import compensate_layers, swapped
+from ..errors import MissingDependency, MissingInput, UsageError
 from .verify import plugin_path
 
 if TYPE_CHECKING:
-    from .trt.build import ShapeProfile
+    from .engine_build import ShapeProfile
 
 log = logging.getLogger("eora_export")
 
@@ -45,7 +45,7 @@ def write_onnx(result, out: Path, kv_cache: bool = False) -> OnnxSet:
     ``result``: a pipeline RunResult or an outputs.FolderResult (a finished folder, whose
     layers are loaded one block at a time while the graph is written).
     """
-    from .onnx.export import export_baseline_onnx, export_onnx
+    from ..onnx.export import export_baseline_onnx, export_onnx
 
     paths = onnx_paths(out)
     external = result.external_data
@@ -61,7 +61,7 @@ def verify_onnx(result, cfg, paths: OnnxSet, held, verify_dir: Path, methods: tu
 
     Methods other than the run's own are exported to temporary graphs for the comparison.
     """
-    from .onnx.export import export_onnx
+    from ..onnx.export import export_onnx
     from .verify import compare_models
 
     windows = held.numpy()
@@ -95,7 +95,7 @@ def artifacts_dir(out: Path, fmt: str) -> Path:
 
 
 def _plugin_library(args) -> Path | None:
-    from .trt.plugin import PluginError, find_library
+    from .plugin import PluginError, find_library
 
     if args.plugin_lib:
         if not args.plugin_lib.is_file():
@@ -108,7 +108,7 @@ def _plugin_library(args) -> Path | None:
 
 
 def _profile(args, result) -> ShapeProfile:
-    from .trt.build import ShapeProfile
+    from .engine_build import ShapeProfile
 
     max_seq = min(args.max_seq, int(getattr(result.model.config, "max_position_embeddings", args.max_seq)))
     return ShapeProfile(batch=(1, 1, args.max_batch), seq=(1, min(args.opt_seq, max_seq), max_seq))
@@ -149,7 +149,7 @@ cd "$HERE"
 
 
 def write_plan(args, result, plan: Path) -> int:
-    from .trt.build import build_engine, trtexec_command
+    from .engine_build import build_engine, trtexec_command
 
     paths = write_onnx(result, plan.with_suffix(".onnx"), kv_cache=args.kv_cache)
     plugin = _plugin_library(args)
@@ -171,8 +171,8 @@ def write_plan(args, result, plan: Path) -> int:
 
 
 def write_triton(args, result, repo: Path) -> int:
-    from .trt import triton
-    from .trt.build import build_engine, missing_tensorrt_reason
+    from . import triton
+    from .engine_build import build_engine, missing_tensorrt_reason
 
     staging = artifacts_dir(repo, "triton")
     onnx_set = write_onnx(result, staging / "model.onnx", kv_cache=False)

@@ -7,8 +7,8 @@ exactly the exported grid. Training starts from one of three initialisations:
 * ``svd``   plain SVD of ΔW = W − W_c (activation-blind), quantized as an export would be,
 * ``lora``  PEFT's default: A Kaiming-uniform, B = 0 (the model starts as the bare compressed one).
 
-Everything here works on tensors and modules; reading and writing folders is finetune_io.py,
-the order of steps finetune_job.py.
+Everything here works on tensors and modules; reading and writing folders is folders.py,
+the order of steps job.py.
 """
 
 from __future__ import annotations
@@ -22,12 +22,12 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from .compensate.apply import lowrank_group, quantize_factors
-from .compensate.eora import svd_factors
-from .errors import BadInput, UsageError
-from .evaluate import next_token_nll
-from .modules import EoraLinear
-from .quant import QuantizedMatrix, quantize
+from ..compensate.apply import lowrank_group, quantize_factors
+from ..compensate.eora import svd_factors
+from ..eora_linear import EoraLinear
+from ..errors import BadInput, UsageError
+from ..evaluate import next_token_nll
+from ..quant import QuantizedMatrix, quantize
 
 INITS = ("eora", "svd", "lora")
 

@@ -43,9 +43,9 @@ from typing import Any
 
 import torch
 
-from .atomic import atomic_dir, default_mode
-from .errors import BadInput, MissingDependency, UsageError
-from .hf_compat import add_legacy_rope_keys, rope_settings, save_tokenizer
+from ..atomic import atomic_dir, default_mode
+from ..errors import BadInput, MissingDependency, UsageError
+from ..hf_compat import add_legacy_rope_keys, rope_settings, save_tokenizer
 
 log = logging.getLogger("eora_export")
 
@@ -118,7 +118,7 @@ def _check_fused_groups(model: torch.nn.Module, quantized: set[str]) -> None:
 
 def _base_model(result: Any, modules: dict[str, Any]) -> torch.nn.Module:
     """A float16 copy of the original model whose compressed Linears hold W_c exactly."""
-    from .models import load_model
+    from ..models import load_model
 
     model, _ = load_model(result.model_path, torch.float16)
     for name, mod in modules.items():
@@ -426,7 +426,7 @@ def trtllm_readme(out: Path, *, quant: str, bits: int, group_size: int, sparsity
 
 def write_trtllm(args: Any, cfg: Any, result: Any, out: Path) -> int:
     """Write ``out/checkpoint``, ``out/trtllm_checkpoint``, ``out/lora`` and ``out/README.md`` atomically."""
-    from .adapter import save_peft_adapter
+    from ..adapter import save_peft_adapter
 
     check_trtllm_config(cfg)
     modules = {n: r.module for n, r in result.modules.items()}

@@ -10,7 +10,7 @@ the tests and benchmarks call the very kernel an engine runs on torch CUDA tenso
 
 Where the library is looked for, in order: ``$EORA_PLUGIN_LIB``, the build folder
 (``$EORA_PLUGIN_BUILD_DIR``, default ``build/trt_plugins/`` in the repository), then
-``eora_export/trt/lib/`` (a package-local copy). :func:`build_plugin` runs the CMake build into
+``eora_export/deploy/lib/`` (a package-local copy). :func:`build_plugin` runs the CMake build into
 the build folder.
 
 Registration with TensorRT: the library registers ``EoraLinear`` itself in whichever order it and
@@ -204,7 +204,7 @@ def load_plugin(path: str | Path | None = None) -> ctypes.CDLL:
     lib_path = Path(path) if path is not None else find_library()
     if lib_path is None:
         raise PluginError(
-            f"{LIB_NAME} not found: build it with eora_export.trt.plugin.build_plugin() "
+            f"{LIB_NAME} not found: build it with eora_export.deploy.plugin.build_plugin() "
             f"(or cmake -S trt_plugins -B build/trt_plugins) or set EORA_PLUGIN_LIB"
         )
     key = str(lib_path.resolve())

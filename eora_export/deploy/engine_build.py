@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..atomic import atomic_file
 from ..errors import MissingDependency
-from ..verify import plugin_path
+from .verify import plugin_path
 
 
 @dataclass(frozen=True)

@@ -16,12 +16,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
-from .adapter import read_quantized_layer, save_compressed_base, save_peft_adapter
-from .atomic import atomic_dir
-from .errors import BadInput, MissingInput
-from .modules import EoraLinear
-from .quant import QuantizedMatrix
-from .report import write_json
+from ..adapter import read_quantized_layer, save_compressed_base, save_peft_adapter
+from ..atomic import atomic_dir
+from ..eora_linear import EoraLinear
+from ..errors import BadInput, MissingInput
+from ..quant import QuantizedMatrix
+from ..report import write_json
 
 PREFIX = "base_model.model."
 # Settings an adapter shares with the base it was computed for (eora_adapter.json vs quantization.json).

@@ -1,5 +1,5 @@
 """``eora-export finetune`` as steps: load and check → train from an init → re-quantize →
-evaluate → (compare inits) → report. Writing is finetune_io.write_finetuned.
+evaluate → (compare inits) → report. Writing is folders.write_finetuned.
 
 Perplexities are held-out, on the same windows for every model:
   fp16                   the original model (--model)
@@ -18,17 +18,17 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from . import __version__
-from .calibration import token_windows
-from .compensate.apply import swapped
-from .errors import BadInput, MissingInput, UsageError
-from .evaluate import mean_nll, perplexity
-from .finetune import INITS, TrainConfig, initial_factors, requantize, split_windows, train_factors, trainable_modules
-from .finetune_io import AdapterFolder, BaseFolder, check_reference, load_adapter, load_base, start_modules
-from .models import load_model, resolve_model
-from .modules import EoraLinear
-from .report import format_table
-from .validate import read_text_file
+from .. import __version__
+from ..calibration import token_windows
+from ..compensate.apply import swapped
+from ..eora_linear import EoraLinear
+from ..errors import BadInput, MissingInput, UsageError
+from ..evaluate import mean_nll, perplexity
+from ..models import load_model, resolve_model
+from ..report import format_table
+from ..validate import read_text_file
+from .folders import AdapterFolder, BaseFolder, check_reference, load_adapter, load_base, start_modules
+from .train import INITS, TrainConfig, initial_factors, requantize, split_windows, train_factors, trainable_modules
 
 log = logging.getLogger("eora_export")
 

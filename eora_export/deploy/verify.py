@@ -96,7 +96,7 @@ def run_model(path: str | Path, windows: np.ndarray, name: str, *, save_outputs:
     from polygraphy.comparator import Comparator
     from polygraphy.logger import G_LOGGER
 
-    from .onnx.runtime import make_session
+    from ..onnx.runtime import make_session
 
     session = make_session(path)
     feeds = feeds_for(session, windows)
@@ -175,7 +175,7 @@ def plugin_path(plugin_lib: str | Path | None) -> Path:
     ``plugins=`` (``dlopen``) look a bare file name up on the library search path, never beside
     the graph or in the current folder.
     """
-    from .trt.plugin import DEFAULT_BUILD_DIR, LIB_NAME
+    from .plugin import DEFAULT_BUILD_DIR, LIB_NAME
 
     return Path(os.path.abspath(Path(plugin_lib).expanduser())) if plugin_lib else DEFAULT_BUILD_DIR / LIB_NAME
 

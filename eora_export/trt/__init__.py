@@ -1,1 +1,0 @@
-"""TensorRT side: engine build, the EoraLinear plugin library, Triton repository."""
