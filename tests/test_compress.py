@@ -189,7 +189,7 @@ def test_sparsegpt_falls_back_when_modelopt_fails(setup, monkeypatch):
     def broken(*a, **k):
         raise ImportError("no modelopt here")
 
-    monkeypatch.setattr("eora_export.compress.modelopt_masks", broken)
+    monkeypatch.setattr("eora_export.compress.sparse24.modelopt_masks", broken)
     with pytest.warns(UserWarning, match="using our own SparseGPT"):
         _, _, res, _ = _run(setup, backend="auto", quant="none", sparsity="sparsegpt")
     assert all(r.method == "sparsegpt[own]" and sp.is_24(r.weight.q) for r in res.values())

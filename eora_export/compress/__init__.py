@@ -13,6 +13,11 @@ GPTQ also uses ``clip_search`` (per-group range shrink when each group starts; m
 a 4096² layer: output error 15.3 → 11.4). SparseGPT: ModelOpt's masks (refit by our OBS
 update, see :mod:`.sparse24`) or our own; ``CompressedLinear.method`` says which ran.
 
+Files: :mod:`.rtn` (RTN, and ``output_error``), :mod:`.gptq` (GPTQ and the OBS engine),
+:mod:`.awq` (AWQ scale search and folding), :mod:`.sparse24` (magnitude, SparseGPT, ModelOpt
+masks). Each is registered below in :mod:`.registry` by the name ``--quant`` / ``--sparsity``
+uses; a new quantizer is its own file plus one registration line here.
+
 Model changes (documented contract): ``compress_model`` never changes a target Linear's
 weight *except* with ``quant="awq"``, where function-preserving folding needs it: each
 target's ``.weight`` is then overwritten with its folded full-precision weight (exactly
@@ -26,36 +31,54 @@ from __future__ import annotations
 
 import logging
 import time
-import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from .. import defaults
 from ..calibration import GramStore
 from ..errors import BadInput, UsageError
 from ..quant import QuantizedMatrix, divisor_hint, quantize
-from .gptq import gptq, single_thread
-from .int4 import AwqFold, awq_fold, output_error, rtn
-from .sparse24 import is_24, magnitude_24, modelopt_masks, refit_24, sparsegpt_24
+from .awq import AwqFold, awq_fold, awq_fold_step
+from .gptq import gptq, gptq_layer
+from .registry import (
+    NO_QUANT,
+    NO_SPARSITY,
+    QUANTIZERS,
+    SPARSIFIERS,
+    LayerJob,
+    Quantizer,
+    Sparsifier,
+    quant_choices,
+    register_quantizer,
+    register_sparsifier,
+    sparsity_choices,
+)
+from .rtn import output_error, rtn, rtn_layer
+from .sparse24 import SPARSEGPT_BACKENDS, is_24, magnitude, magnitude_24, modelopt_masks, refit_24, sparsegpt, sparsegpt_24
+from .threads import single_thread
 
-__all__ = ["AwqFold", "CompressConfig", "CompressedLinear", "compress_model", "output_error"]
+# One line per compressor; the order is the order of the CLI choices.
+register_quantizer(Quantizer("rtn", rtn_layer))
+register_quantizer(Quantizer("gptq", gptq_layer, needs_gram=True))
+register_quantizer(Quantizer("awq", rtn_layer, needs_gram=True, fold=awq_fold_step))  # folded, then RTN
+register_sparsifier(Sparsifier("sparsegpt", sparsegpt, needs_gram=True))
+register_sparsifier(Sparsifier("magnitude", magnitude))
+
+__all__ = ["AwqFold", "CompressConfig", "CompressedLinear", "compress_model", "output_error", "quant_choices", "sparsity_choices"]
+# Re-exported names some callers and tests reach through this package.
+_REEXPORTED = (awq_fold, gptq, rtn, magnitude_24, modelopt_masks, refit_24, sparsegpt_24)
 
 log = logging.getLogger(__name__)
-
-QUANT_METHODS = ("none", "rtn", "gptq", "awq")
-SPARSITY_METHODS = ("none", "sparsegpt", "magnitude")
-SPARSEGPT_BACKENDS = ("auto", "modelopt", "own")
-# "auto" runs ModelOpt on a deep copy of the model only while that copy is small.
-MODELOPT_MAX_COPY_BYTES = 2 << 30
 
 
 @dataclass(frozen=True)
 class CompressConfig:
-    quant: str = "rtn"  # "none" | "rtn" | "gptq" | "awq"
-    bits: int = 4  # 3 | 4
-    group_size: int = 128
-    sparsity: str = "none"  # "none" | "sparsegpt" | "magnitude"   (2:4 along the input dim)
+    quant: str = defaults.QUANT  # a registered quantizer (registry.quant_choices()) or "none"
+    bits: int = defaults.BITS  # 3 | 4
+    group_size: int = defaults.GROUP_SIZE
+    sparsity: str = defaults.SPARSITY  # "none" or a registered sparsifier (2:4 along the input dim)
     clip_search: bool = True  # RTN/AWQ (and GPTQ) range search per group
 
 
@@ -69,16 +92,18 @@ class CompressedLinear:
 
 
 def _validate(linears: dict[str, nn.Linear], grams: GramStore, cfg: CompressConfig) -> None:
-    if cfg.quant not in QUANT_METHODS:
-        raise UsageError(f"unknown quantization method {cfg.quant!r}; use one of {', '.join(QUANT_METHODS)}")
-    if cfg.sparsity not in SPARSITY_METHODS:
-        raise UsageError(f"unknown sparsity method {cfg.sparsity!r}; use one of {', '.join(SPARSITY_METHODS)}")
-    if cfg.quant != "none":
+    """The library's own guard (compress_model may be called without the CLI's checks)."""
+    if cfg.quant not in quant_choices():
+        raise UsageError(f"unknown quantization method {cfg.quant!r}; use one of {', '.join(quant_choices())}")
+    if cfg.sparsity not in sparsity_choices():
+        raise UsageError(f"unknown sparsity method {cfg.sparsity!r}; use one of {', '.join(sparsity_choices())}")
+    if cfg.quant != NO_QUANT:
         if cfg.bits not in (3, 4):
             raise UsageError(f"weight bits must be 3 or 4, got {cfg.bits}")
         if cfg.group_size <= 0:
             raise UsageError(f"group size must be positive, got {cfg.group_size}")
-    needs_gram = cfg.quant in ("gptq", "awq") or cfg.sparsity == "sparsegpt"
+    needs_gram = (cfg.quant != NO_QUANT and QUANTIZERS[cfg.quant].needs_gram) or (
+        cfg.sparsity != NO_SPARSITY and SPARSIFIERS[cfg.sparsity].needs_gram)
     if not linears:
         raise UsageError("no Linear layers to compress")
     for name, mod in linears.items():
@@ -90,47 +115,15 @@ def _validate(linears: dict[str, nn.Linear], grams: GramStore, cfg: CompressConf
         if not torch.isfinite(w).all():
             raise BadInput(f"{name} has NaN/Inf weights; the checkpoint is corrupt, re-download or re-export it")
         cols = w.shape[1]
-        if cfg.quant != "none" and cols % cfg.group_size:
+        if cfg.quant != NO_QUANT and cols % cfg.group_size:
             raise UsageError(
                 f"group size {cfg.group_size} does not divide in_features={cols} of {name}; "
                 f"choose a group size that divides {cols} (e.g. --group-size {divisor_hint(cols)})"
             )
-        if cfg.sparsity != "none" and cols % 4:
+        if cfg.sparsity != NO_SPARSITY and cols % 4:
             raise UsageError(f"2:4 sparsity needs in_features divisible by 4; {name} has {cols}; use --sparsity none")
         if needs_gram and name not in grams.owner:
             raise UsageError(f"no calibration Gram for {name}; collect Grams for every Linear to compress")
-
-
-def _model_bytes(model: nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
-
-
-def _sparsegpt(
-    model: nn.Module, names: list[str], ref: dict[str, Tensor], grams: GramStore, windows: Tensor, backend: str
-) -> tuple[dict[str, Tensor], dict[str, Tensor], str]:
-    """(sparse weights, masks, which implementation ran)."""
-    masks = None
-    if backend == "auto" and _model_bytes(model) > MODELOPT_MAX_COPY_BYTES:
-        log.info("SparseGPT: model too large for a ModelOpt deep copy; using our own SparseGPT")
-    elif backend in ("auto", "modelopt"):
-        try:
-            device = next(model.parameters()).device
-            masks = modelopt_masks(model, names, windows.to(device))
-        except Exception as e:  # any ModelOpt failure means: use ours
-            if backend == "modelopt":
-                raise
-            warnings.warn(
-                f"ModelOpt SparseGPT unavailable ({type(e).__name__}: {e}); using our own SparseGPT", stacklevel=3
-            )
-    work, keep = {}, {}
-    if masks is not None:
-        for n in names:
-            work[n] = refit_24(ref[n], grams.gram(n), masks[n], name=n)
-            keep[n] = masks[n]
-        return work, keep, "sparsegpt[modelopt-mask+obs-refit]"
-    for n in names:
-        work[n], keep[n] = sparsegpt_24(ref[n], grams.gram(n), name=n)
-    return work, keep, "sparsegpt[own]"
 
 
 @torch.no_grad()
@@ -159,18 +152,16 @@ def compress_model(
     keep: dict[str, Tensor | None] = dict.fromkeys(names)
     parts = []
 
-    if cfg.sparsity == "magnitude":
-        for n in names:
-            work[n], keep[n] = magnitude_24(ref[n])
-        parts.append("magnitude 2:4")
-    elif cfg.sparsity == "sparsegpt":
-        work, keep, how = _sparsegpt(model, names, ref, grams, calib_windows, sparsegpt_backend)
-        log.info("2:4 sparsity by %s", how)
+    if cfg.sparsity != NO_SPARSITY:
+        sparse_w, masks, how = SPARSIFIERS[cfg.sparsity].sparsify(model, names, ref, grams, calib_windows, sparsegpt_backend)
+        work.update(sparse_w)
+        keep.update(masks)
         parts.append(how)
 
+    quantizer = QUANTIZERS.get(cfg.quant)
     folds: dict[str, AwqFold] = {}
-    if cfg.quant == "awq":
-        folds = awq_fold(model, names, grams, work, ref, cfg.bits, cfg.group_size, cfg.clip_search)
+    if quantizer is not None and quantizer.fold is not None:
+        folds = quantizer.fold(model, names, grams, work, ref, cfg)
         for n in names:  # write the folded FP weight back so the FP model stays function-preserving
             w = linears[n].weight
             w.data = ref[n].to(w.dtype)
@@ -180,20 +171,15 @@ def compress_model(
 
     out: dict[str, CompressedLinear] = {}
     for n in names:
-        if cfg.quant in ("rtn", "awq"):
-            qm = rtn(work[n], cfg.bits, cfg.group_size, cfg.clip_search)
-        elif cfg.quant == "gptq":
-            codes, scales = gptq(
-                work[n], grams.gram(n), cfg.bits, cfg.group_size, clip_search=cfg.clip_search, keep=keep[n], name=n
-            )
-            qm = QuantizedMatrix(codes, scales, cfg.bits, cfg.group_size)
+        if quantizer is not None:
+            qm = quantizer.quantize(LayerJob(n, work[n], lambda n=n: grams.gram(n), keep[n]), cfg)
         else:
             qm = quantize(work[n], 16, 0)
         sparse = keep[n] is not None
         with single_thread():
             if sparse and not (is_24(qm.q) and is_24(qm.dequantize())):
                 raise AssertionError(f"{n}: compressed weight lost its 2:4 pattern")
-        desc = " + ".join(parts + ([f"{cfg.quant} int{cfg.bits} g{cfg.group_size}"] if cfg.quant != "none" else []))
+        desc = " + ".join(parts + ([f"{cfg.quant} int{cfg.bits} g{cfg.group_size}"] if cfg.quant != NO_QUANT else []))
         out[n] = CompressedLinear(qm, ref[n], sparse, desc or "fp16", folds.get(n))
     log.info("compressed %d Linears (%s) in %.1f s", len(out), out[names[0]].method, time.perf_counter() - t0)
     return out

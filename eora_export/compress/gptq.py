@@ -28,7 +28,6 @@ CPU time (measured on the shared 2-core machines; more wall time when they are b
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 
@@ -36,7 +35,9 @@ import torch
 from torch import Tensor
 
 from ..errors import BadInput
-from ..quant import dequantize, group_scales, qmax, quantize, quantize_with_scales
+from ..quant import QuantizedMatrix, dequantize, group_scales, qmax, quantize, quantize_with_scales
+from .registry import LayerJob
+from .threads import single_thread
 
 DEFAULT_DAMP = 0.01
 _BLOCK = 128
@@ -103,23 +104,6 @@ def _upper_inverse(r: Tensor, leaf: int = 512) -> Tensor:
     out[h:, h:] = c
     out[:h, h:] = -(a @ r[:h, h:]) @ c
     return out
-
-
-@contextlib.contextmanager
-def single_thread():
-    """Run elementwise work on one thread; yields the previous thread count (for BLAS calls inside).
-
-    The column loop and the quantizer are many small elementwise ops; on a busy 2-core
-    machine OpenMP barriers between two threads cost several times the work itself
-    (measured: GPTQ on 4096² in 56 s with 2 threads vs 11 s with 1; RTN of the demo
-    model 20 s vs 0.6 s). Matrix products and factorizations keep the caller's count.
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield before
-    finally:
-        torch.set_num_threads(before)
 
 
 def _block_size(group_size: int) -> int:
@@ -237,3 +221,10 @@ def gptq(
         weight, gram, bits=bits, group_size=group_size, clip_search=clip_search, keep=keep, damp=damp, name=name
     )
     return res.codes, res.scales
+
+
+def gptq_layer(job: LayerJob, cfg) -> QuantizedMatrix:
+    """The registry's quantize step: GPTQ on the layer's Gram, a 2:4 mask kept fixed."""
+    codes, scales = gptq(job.weight, job.gram(), cfg.bits, cfg.group_size, clip_search=cfg.clip_search, keep=job.keep, name=job.name)
+    return QuantizedMatrix(codes, scales, cfg.bits, cfg.group_size)
+

@@ -20,13 +20,21 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import logging
 import warnings
 from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
 
-from .gptq import DEFAULT_DAMP, obs_compress, single_thread
+from .gptq import DEFAULT_DAMP, obs_compress
+from .threads import single_thread
+
+log = logging.getLogger(__name__)
+
+SPARSEGPT_BACKENDS = ("auto", "modelopt", "own")
+# "auto" runs ModelOpt on a deep copy of the model only while that copy is small.
+MODELOPT_MAX_COPY_BYTES = 2 << 30
 
 
 def is_24(w: Tensor) -> bool:
@@ -97,3 +105,48 @@ def modelopt_masks(
         masks[n] = mask
     del work
     return masks
+
+
+def _model_bytes(model: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def sparsegpt(
+    model: nn.Module, names: list[str], ref: dict[str, Tensor], grams, windows: Tensor, backend: str
+) -> tuple[dict[str, Tensor], dict[str, Tensor], str]:
+    """(sparse weights, masks, which implementation ran): ModelOpt's masks refit by our OBS update,
+    or our own SparseGPT ("auto": ModelOpt while the model copy is small, ours on any ModelOpt failure)."""
+    masks = None
+    if backend == "auto" and _model_bytes(model) > MODELOPT_MAX_COPY_BYTES:
+        log.info("SparseGPT: model too large for a ModelOpt deep copy; using our own SparseGPT")
+    elif backend in ("auto", "modelopt"):
+        try:
+            device = next(model.parameters()).device
+            masks = modelopt_masks(model, names, windows.to(device))
+        except Exception as e:  # any ModelOpt failure means: use ours
+            if backend == "modelopt":
+                raise
+            warnings.warn(
+                f"ModelOpt SparseGPT unavailable ({type(e).__name__}: {e}); using our own SparseGPT", stacklevel=4
+            )
+    work, keep = {}, {}
+    if masks is not None:
+        for n in names:
+            work[n] = refit_24(ref[n], grams.gram(n), masks[n], name=n)
+            keep[n] = masks[n]
+        how = "sparsegpt[modelopt-mask+obs-refit]"
+    else:
+        for n in names:
+            work[n], keep[n] = sparsegpt_24(ref[n], grams.gram(n), name=n)
+        how = "sparsegpt[own]"
+    log.info("2:4 sparsity by %s", how)
+    return work, keep, how
+
+
+def magnitude(model: nn.Module, names: list[str], ref: dict[str, Tensor], grams, windows: Tensor, backend: str):
+    """(sparse weights, masks, what ran) by :func:`magnitude_24`; the other arguments are the registry's signature."""
+    work, keep = {}, {}
+    for n in names:
+        work[n], keep[n] = magnitude_24(ref[n])
+    return work, keep, "magnitude 2:4"
+

@@ -1,6 +1,4 @@
-"""Group-wise INT4/INT3 weight quantization: RTN, and AWQ searched on the calibration Gram and folded.
-
-RTN is :func:`eora_export.quant.quantize` itself (optionally with its per-group clip search).
+"""AWQ: activation-aware scales searched on the calibration Gram and folded into the model.
 
 AWQ (Lin et al., arXiv 2306.00978) scales input channel i of a Linear by s_i before
 rounding and divides its input by s_i, so W x = (W diag s)(diag(1/s) x). Here:
@@ -36,8 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from ..calibration import GramStore
-from ..quant import QuantizedMatrix, quantize
-from .gptq import single_thread
+from .rtn import output_error, rtn
 
 log = logging.getLogger(__name__)
 
@@ -49,18 +46,6 @@ AWQ_GRID = 11  # α = 0, 0.1, …, 1.0
 # (q/k/v of width 4096: ≈ 23 s of CPU for the whole search).
 AWQ_MAX_ROWS = 512
 _LAYER_RE = re.compile(r"^(?P<layer>.+)\.(?P<block>self_attn|mlp)\.(?P<proj>[qkvo]_proj|gate_proj|up_proj|down_proj)$")
-
-
-def rtn(w: Tensor, bits: int, group_size: int, clip_search: bool = True) -> QuantizedMatrix:
-    """Round-to-nearest group-wise quantization (the shared quantizer)."""
-    with single_thread():
-        return quantize(w.detach().float(), bits, group_size, clip_search)
-
-
-def output_error(e: Tensor, gram: Tensor) -> float:
-    """tr(E G Eᵀ): the mean squared output error over the calibration tokens, summed over outputs."""
-    e = e.to(gram.dtype)
-    return float(((e @ gram) * e).sum())
 
 
 def activation_magnitude(gram: Tensor) -> Tensor:
@@ -248,3 +233,9 @@ def awq_fold(
                 _scale_cols(getattr(parent, p), f"{layer_name}.{block}.{p}", s, work, ref, folds, alpha)
             _rescale_gram(grams, group[0], s)
     return folds
+
+
+def awq_fold_step(model: nn.Module, names: list[str], grams: GramStore, work: dict, ref: dict, cfg) -> dict[str, AwqFold]:
+    """The registry's fold step: :func:`awq_fold` with the settings of ``cfg`` (the weights are then rounded by RTN)."""
+    return awq_fold(model, names, grams, work, ref, cfg.bits, cfg.group_size, cfg.clip_search)
+
