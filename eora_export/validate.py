@@ -89,12 +89,14 @@ class Plan:
     estimated_output_bytes: int = 0
 
 
-def preflight(cfg, model_path: Path, *, fmt: str | None = None, deploy_out: Path | None = None, scan_values: bool = True) -> Plan:
+def preflight(cfg, model_path: Path, *, fmt: str | None = None, deploy_out: Path | None = None, scan_values: bool = True,
+              texts: bool = True) -> Plan:
     """Raise a one-line EoraError for input that would fail later in the run.
 
-    cfg: a :class:`pipeline.RunConfig`. fmt / deploy_out: the output kind and the deployable
+    cfg: a :class:`config.RunConfig`. fmt / deploy_out: the output kind and the deployable
     path (``--out X.onnx``, a Triton repository), read from ``cfg.format`` / ``cfg.deploy_out``
     when those attributes exist; otherwise a ``.eora`` artifacts folder means a graph format.
+    texts=False: the caller gives token windows itself (no tokenizer or text files to check).
     """
     model_path = Path(model_path)
     fmt = fmt or getattr(cfg, "format", None) or ("onnx" if Path(cfg.out).name.endswith(".eora") else "dir")
@@ -104,7 +106,8 @@ def preflight(cfg, model_path: Path, *, fmt: str | None = None, deploy_out: Path
     ckpt = check_weights(model_path)
     linears = check_layers(config, ckpt, cfg.only, cfg.skip)
     check_shapes(cfg, linears)
-    check_calibration(cfg, model_path)
+    if texts:
+        check_calibration(cfg, model_path)
     out_bytes = estimate_output_bytes(cfg, config, ckpt, linears, fmt)
     check_output(cfg, model_path, out_bytes, deploy_out, fmt)
     if scan_values:

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from eora_export.cli import main
 from eora_export.deploy.graphs import onnx_paths, write_onnx
 from eora_export.errors import MissingDependency, MissingInput, UsageError
-from eora_export.outputs import FolderResult, LazyLlama, load_modules
+from eora_export.folder import FolderResult, LazyLlama, load_modules
 from eora_export.pipeline import RunConfig, compute, write_outputs
 
 RANK, GROUP = 8, 64

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from eora_export.compensate.apply import swapped
-from eora_export.compensate.lsi import (
+from eora_export.compress.lsi import (
     LsiConfig,
     lsi_compress,
     lsi_export,

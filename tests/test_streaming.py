@@ -1,9 +1,9 @@
-"""Block-by-block streaming (issue #8) on a tiny random Llama saved as 2 shards + index.
+"""The one engine, streamed and in memory (issues #8, #15), on a tiny random Llama saved as 2
+shards + index.
 
-Checks: the streamed outputs equal the in-memory pipeline's bit for bit (FP-input mode,
-float32 activations); a run killed after block 0 and resumed equals an uninterrupted
-run; the loader never holds more than one block's tensors; the writers make standard
-safetensors files.
+Checks: for every method, --stream gives outputs identical to the in-memory run (same
+flags); a run killed after block 0 and resumed equals an uninterrupted run; the loader never
+holds more than one block's tensors; the writers make standard safetensors files.
 """
 
 from __future__ import annotations
@@ -18,16 +18,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from eora_export.checkpoint import StreamingCheckpoint, count_parameters
+from eora_export.config import RunConfig
+from eora_export.engine import run
+from eora_export.engine.state import MANIFEST
 from eora_export.errors import UsageError
-from eora_export.pipeline import RunConfig, compute, write_outputs
 from eora_export.safetensors_io import SafetensorsWriter, ShardedWriter
-from eora_export.streaming import (
-    MANIFEST,
-    StreamingCheckpoint,
-    StreamOptions,
-    count_parameters,
-    run_streaming,
-)
 
 # A Llama decoder layer holds 7 Linear weights and 2 RMSNorm weights (no biases).
 TENSORS_PER_BLOCK = 9
@@ -57,7 +53,7 @@ def sharded_dir(tiny_model_dir: Path, tmp_path_factory) -> Path:
     return out
 
 
-def _cfg(model_dir: Path, out: Path) -> RunConfig:
+def _cfg(model_dir: Path, out: Path, **kw) -> RunConfig:
     calib = str(model_dir / "calib.txt")
     return RunConfig(
         model=str(model_dir),
@@ -69,18 +65,15 @@ def _cfg(model_dir: Path, out: Path) -> RunConfig:
         eval_samples=2,
         seq_len=32,
         group_size=64,
-        compare=False,
-        sweep_ranks=[8],
         batch_size=4,
+        **({"compare": False, "sweep_ranks": [8]} | kw),
     )
 
 
 @pytest.fixture(scope="module")
 def in_memory(sharded_dir: Path, tmp_path_factory) -> tuple[Path, dict]:
     cfg = _cfg(sharded_dir, tmp_path_factory.mktemp("mem") / "out")
-    result = compute(cfg, progress=False)
-    write_outputs(cfg, result)
-    return cfg.out, result.report
+    return cfg.out, run(cfg, progress=False).report
 
 
 def _all_tensors(folder: Path, rel: str) -> dict[str, torch.Tensor]:
@@ -101,8 +94,10 @@ def _assert_same_files(a: Path, b: Path, rels=("base/model", "base/quantization.
         assert set(ta) == set(tb), (rel, sorted(set(ta) ^ set(tb))[:5])
         for k in ta:
             assert ta[k].dtype == tb[k].dtype and torch.equal(ta[k], tb[k]), (rel, k)
-    for rel in ("base/quantization.json", "adapter/adapter_config.json"):
-        assert json.loads((a / rel).read_text()) == json.loads((b / rel).read_text()), rel
+    for rel in ("base/quantization.json", "adapter/adapter_config.json", "base/config.json"):
+        assert (a / rel).is_file() == (b / rel).is_file(), rel
+        if (a / rel).is_file():
+            assert json.loads((a / rel).read_text()) == json.loads((b / rel).read_text()), rel
 
 
 def test_loader_holds_one_block_at_a_time(sharded_dir: Path):
@@ -123,64 +118,79 @@ def test_loader_holds_one_block_at_a_time(sharded_dir: Path):
     assert torch.equal(layer.mlp.down_proj.weight, ref.float())
 
 
-def test_streaming_equals_in_memory_pipeline(sharded_dir: Path, in_memory, tmp_path: Path):
+def _comparable(report: dict) -> dict:
+    """A report without what says where and how fast the run ran (timings, engine, --stream, --out)."""
+    drop = ("timings", "engine", "table")
+    config = {k: v for k, v in report["config"].items() if k not in ("stream", "out")}
+    return {k: v for k, v in report.items() if k not in drop} | {"config": config}
+
+
+METHOD_FLAGS = {
+    "eora": {}, "svd": {}, "none": {}, "eora-fb": {},
+    "lsi": {"bits": 3, "lsi_epochs": 1}, "lsi+eora": {"bits": 3, "lsi_epochs": 1},
+    "eora budget": {"rank_budget": "8", "val_samples": 4},
+}
+
+
+@pytest.mark.parametrize("case", list(METHOD_FLAGS))
+def test_streamed_equals_in_memory_for_every_method(sharded_dir: Path, tmp_path: Path, case: str):
+    method = case.split()[0]
+    kw = {"method": method, "compare": True, "sweep_ranks": [4, 8], **METHOD_FLAGS[case]}
+    mem = run(_cfg(sharded_dir, tmp_path / "mem", **kw), progress=False)
+    streamed = run(_cfg(sharded_dir, tmp_path / "str", stream=True, **kw), progress=False)
+    assert mem.model is not None and streamed.model is None
+    assert streamed.report["engine"]["streamed"] and not mem.report["engine"]["streamed"]
+    rels = ("base/model", "base/quantization.safetensors") + (("adapter/adapter_model.safetensors",) if method not in ("none", "lsi") else ())
+    _assert_same_files(mem.out, streamed.out, rels)
+    assert _comparable(streamed.report) == _comparable(mem.report)
+    assert streamed.report["table"] == mem.report["table"]
+    labels = set(mem.report["perplexity"])
+    assert f"compressed+{method}" in labels or method == "none"
+    if method != "none":
+        assert {"compressed+svd", "compressed+eora"} <= labels  # compared beside the method
+    assert (mem.out / "per_layer_error.png").is_file()
+    assert not (tmp_path / "str.stream-work").exists(), "the work folder should be removed after success"
+    assert not list(tmp_path.glob(".mem.work-*")), "the in-memory run's work folder should be gone"
+
+
+def test_streamed_run_loads_one_block_at_a_time(sharded_dir: Path, in_memory, tmp_path: Path):
     mem_out, mem_report = in_memory
-    cfg = _cfg(sharded_dir, tmp_path / "out")
-    # float32 activations between blocks: the in-memory pipeline keeps float32 throughout,
-    # so the Grams, codes and factors must come out bit-identical.
-    report = run_streaming(sharded_dir, cfg, opts=StreamOptions(inputs="fp", act_dtype="float32"), progress=False)
-    _assert_same_files(mem_out, cfg.out)
-    for label, value in mem_report["perplexity"].items():
-        if label in report["perplexity"]:
-            assert report["perplexity"][label] == pytest.approx(value, rel=1e-9), label
-    assert set(report["perplexity"]) == {"fp16", "compressed", "compressed+eora"}
+    report = run(_cfg(sharded_dir, tmp_path / "out", stream=True), progress=False).report
+    _assert_same_files(mem_out, tmp_path / "out")
     assert report["layers"] == mem_report["layers"]
     assert report["calibration"]["shared_grams"] == mem_report["calibration"]["shared_grams"] == 8
-    assert report["streaming"]["peak_live_loaded_tensors"] == TENSORS_PER_BLOCK
-    assert (cfg.out / "per_layer_error.png").is_file()
-    assert not (tmp_path / "out.stream-work").exists(), "the work folder should be removed after success"
+    assert report["engine"]["peak_live_loaded_tensors"] == TENSORS_PER_BLOCK
 
 
 def test_resume_after_a_crash_equals_an_uninterrupted_run(sharded_dir: Path, in_memory, tmp_path: Path):
     mem_out, _ = in_memory
     # Default float16 activations, sequential calibration, the fast (randomized) path and a
     # sharded base: the settings where a resume could go wrong (RNG, saved states, shards).
-    opts = dict(inputs="compressed", fast=True, max_shard_bytes=100_000)
-    ref_cfg = _cfg(sharded_dir, tmp_path / "ref")
-    run_streaming(sharded_dir, ref_cfg, opts=StreamOptions(**opts), progress=False)
+    opts = dict(stream=True, stream_inputs="compressed", fast=True, act_dtype="float16")
+    ref_cfg = _cfg(sharded_dir, tmp_path / "ref", **opts)
+    run(ref_cfg, progress=False, max_shard_bytes=100_000)
 
-    cfg = _cfg(sharded_dir, tmp_path / "out")
     work = tmp_path / "work"
+    cfg = _cfg(sharded_dir, tmp_path / "out", work_dir=work, **opts)
 
     def crash_after_block_0(index: int, _entry: dict) -> None:
         if index == 0:
             raise _Crash("killed")
 
     with pytest.raises(_Crash):
-        run_streaming(
-            sharded_dir,
-            cfg,
-            opts=StreamOptions(**opts, work_dir=work),
-            progress=False,
-            on_block_done=crash_after_block_0,
-        )
+        run(cfg, progress=False, max_shard_bytes=100_000, on_block_done=crash_after_block_0)
     assert not cfg.out.exists()
     manifest = json.loads((work / MANIFEST).read_text())
     assert manifest["next_block"] == 1 and (work / "block_00000.safetensors").is_file()
 
     with pytest.raises(UsageError, match="other settings"):
-        run_streaming(sharded_dir, replace(cfg, rank=4), opts=StreamOptions(**opts, work_dir=work, resume=True), progress=False)
+        run(replace(cfg, rank=4, resume=True), progress=False, max_shard_bytes=100_000)
 
     blocks_run = []
-    report = run_streaming(
-        sharded_dir,
-        cfg,
-        opts=StreamOptions(**opts, work_dir=work, resume=True),
-        progress=False,
-        on_block_done=lambda i, _e: blocks_run.append(i),
-    )
+    report = run(replace(cfg, resume=True), progress=False, max_shard_bytes=100_000,
+                 on_block_done=lambda i, _e: blocks_run.append(i)).report
     assert blocks_run == [1], "resume must redo no finished block"
-    assert report["streaming"]["resumed_from_block"] == 1
+    assert report["engine"]["resumed_from_block"] == 1
     _assert_same_files(ref_cfg.out, cfg.out)
     assert len(list((cfg.out / "base").glob("model-*-of-*.safetensors"))) > 1
     assert (cfg.out / "base" / "model.safetensors.index.json").is_file()
@@ -197,7 +207,7 @@ def test_sharded_base_loads_with_transformers(sharded_dir: Path, tmp_path: Path)
     from transformers import AutoModelForCausalLM
 
     cfg = _cfg(sharded_dir, tmp_path / "out")
-    run_streaming(sharded_dir, cfg, opts=StreamOptions(evaluate=False, max_shard_bytes=60_000), progress=False)
+    run(replace(cfg, stream=True), progress=False, evaluate=False, max_shard_bytes=60_000)
     model = AutoModelForCausalLM.from_pretrained(cfg.out / "base", dtype=torch.float32)
     q = _all_tensors(cfg.out, "base/model")["model.layers.1.self_attn.q_proj.weight"]
     assert torch.equal(model.model.layers[1].self_attn.q_proj.weight, q.float())

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from eora_export.calibration import CalibSource, calibration_windows, collect_grams, read_texts, token_windows
-from eora_export.compensate.apply import CompensationConfig, LayerResult, compensate_layers, factor_module, swapped, total_storage
+from eora_export.compensate.apply import CompensationConfig, LayerResult, compensate_layers, factor_module, swapped
 from eora_export.compensate.feedback import DEFAULT_DAMP, feedback_compensate_model, feedback_error, feedback_factors
 from eora_export.compensate.ranks import budget_bytes, budget_compensate
 from eora_export.compress import CompressConfig, compress_model
@@ -36,6 +36,11 @@ SETTINGS = {
     "magnitude": CompressConfig(quant="rtn", sparsity="magnitude"),
     "gptq3": CompressConfig(quant="gptq", bits=3),
 }
+
+
+def factor_bytes(results: dict[str, LayerResult]) -> int:
+    """Bytes of the low-rank factors over all compensated Linears."""
+    return sum(r.module.storage_bytes() - r.module.weight_q.storage_bytes() for r in results.values())
 
 
 def main() -> None:
@@ -111,7 +116,7 @@ def main() -> None:
             unit = "block" if spec.endswith("-block") else "input"
             ranks = None
             if spec.endswith("-budget"):
-                budget = budget_bytes(compressed, cfg, "rank", cfg.rank)
+                budget = budget_bytes({n: tuple(c.weight.shape) for n, c in compressed.items()}, cfg, "rank", cfg.rank)
                 _, ranks = budget_compensate(compressed, grams, collect_grams(fp_model, linears, val, 8, False), cfg,
                                              budget, biases)
             res = feedback_compensate_model(c_model, compressed, grams.owner, calib, cfg, biases, 8, unit,
@@ -124,7 +129,7 @@ def main() -> None:
             raise SystemExit(f"unknown method {method}")
         fit_s = time.perf_counter() - t
         modules = {n: r.module for n, r in res.items()}
-        rows[method] = (evaluate(modules), total_storage(res)["factors"], fit_s)
+        rows[method] = (evaluate(modules), factor_bytes(res), fit_s)
         report_row(method, rows)
 
 
@@ -142,7 +147,7 @@ def damped_eora(compressed, grams, cfg, biases, damp: float) -> dict:
 
 def run_budget(compressed, grams, val_grams, cfg, biases, relative: bool, damp: float = 0.0) -> dict:
     """Ranks from eora_export.compensate.ranks at the byte budget of uniform cfg.rank."""
-    budget = budget_bytes(compressed, cfg, "rank", cfg.rank)
+    budget = budget_bytes({n: tuple(c.weight.shape) for n, c in compressed.items()}, cfg, "rank", cfg.rank)
     res, chosen = budget_compensate(compressed, grams, val_grams, cfg, budget, biases, relative, damp)
     print("ranks:", {n.replace("model.layers.", "").replace("_proj", ""): r for n, r in chosen.items()}, flush=True)
     return res

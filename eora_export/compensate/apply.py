@@ -133,20 +133,3 @@ def swapped(model: nn.Module, modules: dict[str, nn.Module]) -> Iterator[nn.Modu
     finally:
         for name, mod in old.items():
             set_module(model, name, mod)
-
-
-def total_storage(results: dict[str, LayerResult]) -> dict[str, int]:
-    """Bytes of compressed weights and of factors over all compensated Linears."""
-    weights = sum(r.module.weight_q.storage_bytes() for r in results.values())
-    factors = sum(r.module.storage_bytes() - r.module.weight_q.storage_bytes() for r in results.values())
-    return {"weights": weights, "factors": factors}
-
-
-def as_float_module(module: EoraLinear) -> nn.Linear:
-    """A plain float32 Linear computing W_c + B A (for code that needs nn.Linear)."""
-    lin = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
-    with torch.no_grad():
-        lin.weight.copy_(module.weight.float() + module.residual_weight())
-        if module.bias is not None:
-            lin.bias.copy_(module.bias.float())
-    return lin

@@ -31,8 +31,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..eora_linear import EoraLinear
+from ..methods import BlockInputs, Method, register
 from ..models import set_module
-from ..modules import EoraLinear
 from .apply import CompensationConfig, LayerResult, factor_module, swapped
 from .eora import GramRoot, _check_rank, check_finite, eora_factors_from_whitened, gram_root
 
@@ -365,3 +366,42 @@ def feedback_compensate_model(
             lambda: [calib[i : i + batch_size] for i in range(0, calib.shape[0], batch_size)],
             cfg, biases, shrink, damp, ranks,
         )
+
+
+@dataclass
+class _Pair:
+    """One calibration batch on both sides: the FP block's inputs and this path's own ``[b, seq, h]``."""
+
+    fp: Tensor
+    c: Tensor
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.fp.shape
+
+    @property
+    def ndim(self) -> int:
+        return self.fp.ndim
+
+
+def feedback_block(inputs: BlockInputs, comp: CompensationConfig, ranks: dict[str, int] | None) -> dict[str, LayerResult]:
+    """``--method eora-fb`` on one decoder block: each shared-input group of Linears fitted to the
+    FP block's outputs from the inputs its path really gets (``inputs.own_inputs``: what the
+    compressed and compensated upstream blocks produce; inside the block, the groups before it
+    already compensated). The FP side is a copy of the block with its reference weights."""
+    host, bs = inputs.host, inputs.run.batch_size
+    fp = copy.deepcopy(host)
+    fp_linears = {n: fp.get_submodule(n) for n in inputs.compressed}
+    plain = {n: EoraLinear(c.weight, bias=inputs.biases.get(n), sparse24=c.sparse24) for n, c in inputs.compressed.items()}
+    own = inputs.own_inputs if inputs.own_inputs is not None else inputs.calib
+    batches = [_Pair(inputs.calib[i : i + bs], own[i : i + bs]) for i in range(0, inputs.calib.shape[0], bs)]
+    with swapped(host, plain):
+        return feedback_walk(
+            walk_units(list(inputs.compressed), "input", inputs.grams.owner), inputs.compressed, fp_linears,
+            host.get_submodule, lambda n, m: set_module(host, n, m), lambda b: fp(b.fp), lambda b: host(b.c),
+            lambda: batches, comp, inputs.biases, ranks=ranks,
+        )
+
+
+register(Method("eora-fb", "error-feedback EoRA: each layer fitted to the FP outputs from the inputs its compressed and "
+                "compensated upstream produces", feedback_block, own_stream=True, allocates=True))

@@ -152,13 +152,13 @@ def parse_budget(spec: str) -> tuple[str, float]:
     raise UsageError(f"--rank-budget {spec!r}: give an average rank (e.g. 32) or factor bytes (e.g. 1.5MB, 400KB)")
 
 
-def budget_bytes(compressed: dict, cfg: CompensationConfig, kind: str, value: float) -> int:
-    """Factor bytes of a ``--rank-budget``: as given, or what uniform rank ``value`` would store."""
+def budget_bytes(shapes: dict[str, tuple[int, int]], cfg: CompensationConfig, kind: str, value: float) -> int:
+    """Factor bytes of a ``--rank-budget`` over layers of ``shapes`` (name -> (out, in)): as
+    given, or what uniform rank ``value`` would store."""
     if kind == "bytes":
         return int(value)
     total = 0
-    for cl in compressed.values():
-        out_f, in_f = cl.weight.shape
+    for out_f, in_f in shapes.values():
         r = min(round(value / 2) * 2, out_f, in_f)  # even, as quantized factors need
         if r <= 0:
             continue

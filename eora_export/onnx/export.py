@@ -47,7 +47,7 @@ I64 = TensorProto.INT64
 
 def export_onnx(model: nn.Module, path: str | Path, *, kv_cache: bool = False, fused: bool = False,
                 external_data: bool | None = None) -> Path:
-    """Write ``model`` (a LlamaForCausalLM, or an :class:`eora_export.outputs.LazyLlama` whose
+    """Write ``model`` (a LlamaForCausalLM, or an :class:`eora_export.folder.LazyLlama` whose
     layers load one at a time) to ``path``; returns the path.
 
     kv_cache: add past/present key-value inputs and outputs. fused: one EoraLinear node per

@@ -25,7 +25,7 @@ from .adapter import read_quantized_layer
 from .errors import BadInput, MissingInput
 from .models import set_module
 from .modules import EoraLinear
-from .streaming import StreamingCheckpoint
+from .checkpoint import StreamingCheckpoint
 
 
 def read_quantization(base: Path) -> dict:

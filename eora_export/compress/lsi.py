@@ -58,9 +58,10 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from ..compress import CompressedLinear
 from ..errors import BadInput, UsageError
+from ..methods import BlockInputs, Method, register
 from ..quant import QuantizedMatrix, check_group, group_scales, qmax, quantize_with_scales
+from . import CompressedLinear
 
 log = logging.getLogger(__name__)
 
@@ -349,21 +350,18 @@ def _run_block(block: nn.Module, x: Tensor, kwargs: dict, dtype: torch.dtype) ->
 
 
 @torch.no_grad()
-def _propagate(block: nn.Module, stream: Tensor, kwargs_by_bs: dict[int, dict], batch_size: int, dtype) -> None:
-    """stream[j] <- block(stream[j]) in place, batch by batch ([n, seq, hidden])."""
+def _propagate(forward: Callable[[Tensor], Tensor], stream: Tensor, batch_size: int) -> None:
+    """stream[j] <- forward(stream[j]) in place, batch by batch ([n, seq, hidden])."""
     for i in range(0, stream.shape[0], batch_size):
-        x = stream[i : i + batch_size]
-        stream[i : i + batch_size] = _run_block(block, x, kwargs_by_bs[x.shape[0]], dtype).to("cpu", stream.dtype)
+        stream[i : i + batch_size] = forward(stream[i : i + batch_size]).to("cpu", stream.dtype)
 
 
 @torch.no_grad()
-def _stream_mse(
-    block: nn.Module, q: Tensor, target: Tensor, kwargs_by_bs: dict[int, dict], batch_size: int, dtype
-) -> float:
-    """Mean squared error of block(q) against target over all windows."""
+def _stream_mse(forward: Callable[[Tensor], Tensor], q: Tensor, target: Tensor, batch_size: int) -> float:
+    """Mean squared error of forward(q) against target over all windows."""
     total, count = 0.0, 0
     for i in range(0, q.shape[0], batch_size):
-        y = _run_block(block, q[i : i + batch_size], kwargs_by_bs[min(batch_size, q.shape[0] - i)], dtype)
+        y = forward(q[i : i + batch_size])
         total += float((y.float() - target[i : i + batch_size].to(y.device).float()).square().sum())
         count += y.numel()
     return total / max(count, 1)
@@ -374,6 +372,76 @@ def _swap(block: nn.Module, prefix: str, modules: dict[str, nn.Module]) -> dict[
     from ..models import set_module
 
     return {n: set_module(block, n[len(prefix) + 1 :], m) for n, m in modules.items()}
+
+
+def train_block(
+    forward: Callable[[Tensor], Tensor],
+    install: Callable[[dict[str, nn.Module]], dict[str, nn.Module]],
+    wrappers: dict[str, LsiLinear],
+    biases: dict[str, Tensor | None],
+    q: Tensor,
+    target: Tensor,
+    cfg: LsiConfig,
+    gen: torch.Generator,
+    label: str = "lsi",
+) -> tuple[dict[str, QuantizedMatrix], dict]:
+    """Train one block's LSI parameters; return (exported weights by name, stats).
+
+    forward(x [b, seq, h]) -> [b, seq, h]: the block (gradients flow through it); install(mods):
+    put modules into the block by qualified name, returning the ones it replaced. wrappers:
+    the block's target Linears as :class:`LsiLinear`. q: the inputs from the already quantized
+    blocks, target: the FP block's outputs, both ``[n, seq, h]``. The block is left as found.
+    A block whose calibration MSE ends above its start keeps its starting weights, so LSI
+    never ships a block worse (on its data) than where it started.
+    """
+    t0 = time.perf_counter()
+    n_win = q.shape[0]
+    params = [p for m in wrappers.values() for p in m.parameters()]
+    old = install(wrappers)
+    try:
+        mse_start = _stream_mse(forward, q, target, cfg.batch_size)
+        # The loss is the MSE relative to the target's power: Adam is scale-free, but its
+        # epsilon is not, and block outputs differ by orders of magnitude across models.
+        power = max(sum(float(c.float().square().sum()) for c in target.split(cfg.batch_size)) / target.numel(), 1e-30)
+        groups = [{"params": [m.eps for m in wrappers.values()], "lr": cfg.lr}]
+        if cfg.use_clip:
+            groups.append({"params": [m.gamma for m in wrappers.values()], "lr": cfg.clip_lr})
+        opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+        steps = math.ceil(n_win / cfg.batch_size)
+        bar = tqdm(total=cfg.epochs * steps, desc=label, unit="step", disable=not cfg.progress, leave=False)
+        for _ in range(cfg.epochs):
+            perm = torch.randperm(n_win, generator=gen)
+            for j in range(0, n_win, cfg.batch_size):
+                idx = perm[j : j + cfg.batch_size]
+                with torch.enable_grad():
+                    y = forward(q[idx])
+                    loss = F.mse_loss(y.float(), target[idx].to(y.device).float()) / power
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                opt.step()
+                bar.update(1)
+                bar.set_postfix(rel_mse=f"{loss.item():.3e}", start=f"{mse_start / power:.3e}")
+        bar.close()
+        exported = {n: m.export() for n, m in wrappers.items()}
+        # The loss of the weights we ship: the exported weights in the block.
+        install({n: _FixedLinear(exported[n].dequantize(), biases[n]) for n in wrappers})
+        mse_end = _stream_mse(forward, q, target, cfg.batch_size)
+        if mse_end > mse_start:
+            # Training made this block worse on its own data (an unlucky STE run): ship the
+            # starting weights instead, so LSI never ends behind where it started.
+            log.warning("%s: MSE rose %.4e -> %.4e; keeping the starting weights", label, mse_start, mse_end)
+            with torch.no_grad():
+                for m in wrappers.values():
+                    m.eps.zero_()
+                    if m.gamma is not None:
+                        m.gamma.zero_()
+            exported = {n: m.export() for n, m in wrappers.items()}
+            mse_end = mse_start
+    finally:
+        install(old)
+        for p in params:
+            p.grad = None
+    return exported, {"mse_start": mse_start, "mse_end": mse_end, "seconds": time.perf_counter() - t0}
 
 
 def lsi_compress(
@@ -450,82 +518,101 @@ def lsi_compress(
     dtype = next(layers[0].parameters()).dtype
     fp, kwargs_by_bs = _capture_block_inputs(model, layers[0], calib_windows, cfg.batch_size, cfg)
     q = fp.clone()
-    n_win = fp.shape[0]
     for i in range(last + 1):
         block = layers[i]
+
+        def forward(x: Tensor, block: nn.Module = block) -> Tensor:
+            return _run_block(block, x, kwargs_by_bs[x.shape[0]], dtype)
+
         if not by_block[i]:
             # Nothing to quantize here: both streams go through the FP block.
-            _propagate(block, fp, kwargs_by_bs, cfg.batch_size, dtype)
-            _propagate(block, q, kwargs_by_bs, cfg.batch_size, dtype)
+            _propagate(forward, fp, cfg.batch_size)
+            _propagate(forward, q, cfg.batch_size)
             continue
-        t0 = time.perf_counter()
         # Target, written over the FP stream (its inputs are not needed again): the FP block on
         # the FP inputs, or with target="local" on the quantized inputs.
         if cfg.target == "local":
             fp.copy_(q)
-        _propagate(block, fp, kwargs_by_bs, cfg.batch_size, dtype)
+        _propagate(forward, fp, cfg.batch_size)
         wrappers = {n: make(n) for n in by_block[i]}
         grad_flags = {p: p.requires_grad for p in block.parameters()}
         for p in block.parameters():
-            p.requires_grad_(False)
-        old = _swap(block, f"{prefix}.{i}", wrappers)
+            p.requires_grad_(False)  # only δ and γ learn; no gradients for the frozen block
         try:
-            mse_start = _stream_mse(block, q, fp, kwargs_by_bs, cfg.batch_size, dtype)
-            # The loss is the MSE relative to the target's power: Adam is scale-free, but its
-            # epsilon is not, and block outputs differ by orders of magnitude across models.
-            power = max(sum(float(c.float().square().sum()) for c in fp.split(cfg.batch_size)) / fp.numel(), 1e-30)
-            groups = [{"params": [m.eps for m in wrappers.values()], "lr": cfg.lr}]
-            if cfg.use_clip:
-                groups.append({"params": [m.gamma for m in wrappers.values()], "lr": cfg.clip_lr})
-            opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-            steps = math.ceil(n_win / cfg.batch_size)
-            bar = tqdm(total=cfg.epochs * steps, desc=f"lsi block {i + 1}/{last + 1}", unit="step",
-                       disable=not cfg.progress, leave=False)
-            for _ in range(cfg.epochs):
-                perm = torch.randperm(n_win, generator=gen)
-                for j in range(0, n_win, cfg.batch_size):
-                    idx = perm[j : j + cfg.batch_size]
-                    with torch.enable_grad():
-                        y = _run_block(block, q[idx], kwargs_by_bs[idx.numel()], dtype)
-                        loss = F.mse_loss(y.float(), fp[idx].to(y.device).float()) / power
-                        opt.zero_grad(set_to_none=True)
-                        loss.backward()
-                    opt.step()
-                    bar.update(1)
-                    bar.set_postfix(rel_mse=f"{loss.item():.3e}", start=f"{mse_start / power:.3e}")
-            bar.close()
-            exported = {n: m.export() for n, m in wrappers.items()}
-            # Propagate the quantized stream through the block with the shipped weights.
-            fixed = {n: _FixedLinear(exported[n].dequantize(), linears[n].bias) for n in wrappers}
-            _swap(block, f"{prefix}.{i}", fixed)
-            mse_end = _stream_mse(block, q, fp, kwargs_by_bs, cfg.batch_size, dtype)
-            if mse_end > mse_start:
-                # Training made this block worse on its own data (an unlucky STE run): ship the
-                # starting weights instead, so LSI never ends behind where it started.
-                log.warning("LSI block %d: MSE rose %.4e -> %.4e; keeping the starting weights", i, mse_start, mse_end)
-                with torch.no_grad():
-                    for m in wrappers.values():
-                        m.eps.zero_()
-                        if m.gamma is not None:
-                            m.gamma.zero_()
-                exported = {n: m.export() for n, m in wrappers.items()}
-                fixed = {n: _FixedLinear(exported[n].dequantize(), linears[n].bias) for n in wrappers}
-                _swap(block, f"{prefix}.{i}", fixed)
-                mse_end = mse_start
-            if targets is not None:
-                with torch.no_grad():
-                    targets.update({n: lsi_weight(m.w, m.u, m.vh, m.delta()) for n, m in wrappers.items()})
-            if i < last:
-                _propagate(block, q, kwargs_by_bs, cfg.batch_size, dtype)
+                exported, stat = train_block(forward, lambda mods, b=block, i=i: _swap(b, f"{prefix}.{i}", mods), wrappers,
+                                         {n: linears[n].bias for n in wrappers}, q, fp, cfg, gen, f"lsi block {i + 1}/{last + 1}")
         finally:
-            _swap(block, f"{prefix}.{i}", old)
             for p, flag in grad_flags.items():
                 p.requires_grad_(flag)
+        if i < last:
+            fixed = {n: _FixedLinear(exported[n].dequantize(), linears[n].bias) for n in wrappers}
+            old = _swap(block, f"{prefix}.{i}", fixed)
+            try:
+                _propagate(forward, q, cfg.batch_size)
+            finally:
+                _swap(block, f"{prefix}.{i}", old)
+        if targets is not None:
+            with torch.no_grad():
+                targets.update({n: lsi_weight(m.w, m.u, m.vh, m.delta()) for n, m in wrappers.items()})
         for n in by_block[i]:
             result[n] = CompressedLinear(exported[n], linears[n].weight.detach().float().clone(), False, method)
-        seconds = time.perf_counter() - t0
-        log.info("LSI block %d: output MSE %.4e (start) -> %.4e in %.1f s", i, mse_start, mse_end, seconds)
+        log.info("LSI block %d: output MSE %.4e (start) -> %.4e in %.1f s", i, stat["mse_start"], stat["mse_end"], stat["seconds"])
         if stats is not None:
-            stats.append({"block": i, "linears": list(by_block[i]), "mse_start": mse_start, "mse_end": mse_end,
-                          "seconds": seconds})
+            stats.append({"block": i, "linears": list(by_block[i]), **stat})
     return {n: result[n] for n in names}
+
+
+# --------------------------------------------------------------------------------------
+# In the engine: LSI as a re-quantizer of one block, and the methods that use it
+# --------------------------------------------------------------------------------------
+
+
+def lsi_requantize(inputs: BlockInputs) -> dict[str, CompressedLinear]:
+    """LSI-retrained weights of one block (``inputs.compressed``: the compressor's result, whose
+    scales are the start). Inputs: ``inputs.own_inputs``, what the LSI-quantized blocks before
+    produce (OmniQuant's scheme); target: the FP block on the FP inputs (``inputs.fp_out``)."""
+    from .. import models
+
+    run = inputs.run
+    cfg = LsiConfig(bits=run.bits, group_size=run.group_size, epochs=run.lsi_epochs, lr=run.lsi_lr,
+                    seed=run.seed, progress=inputs.progress)
+    cfg.validate()
+    gen = torch.Generator().manual_seed(run.seed * 1_000_003 + inputs.block)  # the same draws after --resume
+    method = f"lsi int{cfg.bits} g{cfg.group_size}" + (" lwc" if cfg.use_clip else "") + f" {cfg.epochs}ep"
+    wrappers = {}
+    for n, lin in inputs.linears.items():
+        check_group(lin.weight.shape[1], cfg.group_size, n)
+        start = inputs.compressed[n].weight
+        clip0 = initial_clip(lin.weight, start.scale, cfg.bits, cfg.group_size) if start.scale is not None else None
+        wrappers[n] = LsiLinear(lin.weight, lin.bias, cfg.bits, cfg.group_size, cfg.use_clip, clip0)
+    q = inputs.own_inputs if inputs.own_inputs is not None else inputs.calib
+    if cfg.epochs == 0:
+        exported = {n: m.export() for n, m in wrappers.items()}
+    else:
+        exported, stat = train_block(
+            inputs.host, lambda mods: {n: models.set_module(inputs.host, n, m) for n, m in mods.items()}, wrappers,
+            dict(inputs.biases), q, inputs.fp_out, cfg, gen, f"lsi block {inputs.block}")
+        log.info("LSI block %d: output MSE %.4e (start) -> %.4e in %.1f s", inputs.block, stat["mse_start"],
+                 stat["mse_end"], stat["seconds"])
+    return {n: CompressedLinear(exported[n], inputs.linears[n].weight.detach().float().clone(), False, method)
+            for n in inputs.linears}
+
+
+def _check_lsi(cfg) -> None:
+    if cfg.sparsity != "none":
+        raise UsageError("--method lsi trains quantized weights and does not keep a 2:4 mask; use --sparsity none")
+    if cfg.quant == "none":
+        raise UsageError("--method lsi needs a weight quantizer (--quant rtn, gptq or awq) to start from")
+
+
+def _register() -> None:
+    from ..compensate.layerwise import layerwise
+
+    register(Method("lsi", "LSI: learnable singular-value increments, the quantized weights retrained block by block",
+                    layerwise("none"), requantize=lsi_requantize, requantizer="lsi", uses_rank=False,
+                    check=_check_lsi))
+    register(Method("lsi+eora", "LSI, then EoRA on the error that remains", layerwise("eora"), requantize=lsi_requantize,
+                    requantizer="lsi", compare=("svd", "eora", "lsi"), check=_check_lsi))
+
+
+_register()
