@@ -22,10 +22,10 @@ from safetensors import safe_open
 from torch import Tensor, nn
 
 from .adapter import read_quantized_layer
+from .checkpoint import StreamingCheckpoint
+from .eora_linear import EoraLinear
 from .errors import BadInput, MissingInput
 from .models import set_module
-from .modules import EoraLinear
-from .checkpoint import StreamingCheckpoint
 
 
 def read_quantization(base: Path) -> dict:

@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from eora_export.config import RunConfig
+from eora_export.engine import run
+from eora_export.engine.report import summary_table
 from eora_export.evaluate import Scores, text_report
-from eora_export.pipeline import RunConfig, compute, summary_table, write_outputs
 from eora_export.report import format_accuracy
-from eora_export.streaming import StreamOptions, run_streaming
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -39,10 +40,9 @@ def ood_file(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def run(tiny_model_dir: Path, ood_file: Path, tmp_path_factory):
+def full_run(tiny_model_dir: Path, ood_file: Path, tmp_path_factory):
     cfg = _cfg(tiny_model_dir, tmp_path_factory.mktemp("acc") / "out", ood_file)
-    result = compute(cfg, progress=False)
-    write_outputs(cfg, result)
+    run(cfg, progress=False)
     return cfg, json.loads((cfg.out / "report.json").read_text())
 
 
@@ -66,8 +66,8 @@ def _check_text(text: dict, labels: set[str], windows: int) -> None:
     assert len(text["per_window"]["compressed"]["kl"]) == windows
 
 
-def test_report_has_kl_and_intervals_on_both_texts(run):
-    cfg, report = run
+def test_report_has_kl_and_intervals_on_both_texts(full_run):
+    cfg, report = full_run
     acc = report["accuracy"]
     assert list(acc) == ["heldout", "ood"]
     assert acc["heldout"]["domain"] == "in domain" and acc["ood"]["domain"] == "out of domain"
@@ -87,10 +87,9 @@ def test_report_has_kl_and_intervals_on_both_texts(run):
 
 
 def test_streamed_kl_equals_in_memory_kl(tiny_model_dir: Path, ood_file: Path, tmp_path: Path):
-    mem = compute(_cfg(tiny_model_dir, tmp_path / "mem", ood_file, compare=False, sweep_ranks=[]), progress=False).report
-    cfg = _cfg(tiny_model_dir, tmp_path / "stream", ood_file, compare=False, sweep_ranks=[])
-    # float32 between blocks: the in-memory pipeline keeps float32 throughout
-    streamed = run_streaming(tiny_model_dir, cfg, opts=StreamOptions(inputs="fp", act_dtype="float32"), progress=False)
+    mem = run(_cfg(tiny_model_dir, tmp_path / "mem", ood_file, compare=False, sweep_ranks=[]), progress=False).report
+    cfg = _cfg(tiny_model_dir, tmp_path / "stream", ood_file, compare=False, sweep_ranks=[], stream=True)
+    streamed = run(cfg, progress=False).report
     assert list(streamed["accuracy"]) == ["heldout", "ood"]
     for name in ("heldout", "ood"):
         a, b = mem["accuracy"][name], streamed["accuracy"][name]
@@ -157,14 +156,14 @@ def test_missing_ood_file_is_a_one_line_error(tiny_model_dir: Path, tmp_path: Pa
     assert "out-of-domain text (--ood-file)" in err and "missing.txt not found" in err
 
 
-def test_accuracy_table_tool_renders_a_report(run):
+def test_accuracy_table_tool_renders_a_report(full_run):
     """tools/accuracy_table.py (the README table's generator) renders any run's report."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("accuracy_table", Path(__file__).parents[1] / "tools" / "accuracy_table.py")
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
-    _, report = run
+    _, report = full_run
     methods = tool.methods_of(report)
     assert methods == ("compressed+svd", "compressed+eora")
     lines = tool.rows("int4", report)

@@ -6,8 +6,9 @@ INT4 case uses per-row groups (group 256), where INT4 does cost accuracy.
 
 import pytest
 
+from eora_export.config import RunConfig
+from eora_export.engine import run
 from eora_export.models import DEMO_DIR
-from eora_export.pipeline import RunConfig, compute
 
 CASES = {
     "2:4": {"quant": "none", "sparsity": "magnitude"},
@@ -21,7 +22,7 @@ CASES = {
 def test_demo_eora_beats_svd_beats_compressed(case, tmp_path):
     cfg = RunConfig(model="demo", out=tmp_path / "out", rank=16, calib_samples=64, eval_samples=32,
                     sweep_ranks=[], **CASES[case])
-    ppl = compute(cfg, progress=False).report["perplexity"]
+    ppl = run(cfg, progress=False).report["perplexity"]
     assert ppl["compressed"] > ppl["fp16"], ppl
     assert ppl["compressed+eora"] < ppl["compressed+svd"] < ppl["compressed"], ppl
 
@@ -32,6 +33,6 @@ def test_demo_lsi_beats_its_starting_quantizer_at_int3(tmp_path):
     below LSI alone on perplexity; README, Results, gives the measured table.)"""
     cfg = RunConfig(model="demo", out=tmp_path / "out", bits=3, method="lsi+eora", rank=16, calib_samples=64,
                     eval_samples=32, sweep_ranks=[], compare=False, lsi_epochs=3)
-    ppl = compute(cfg, progress=False).report["perplexity"]
+    ppl = run(cfg, progress=False).report["perplexity"]
     assert ppl["compressed+lsi"] < ppl["compressed"], ppl
     assert ppl["compressed+lsi+eora"] < ppl["compressed"], ppl

@@ -12,9 +12,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from eora_export.config import RunConfig
+from eora_export.engine import run
+from eora_export.engine.texts import run_windows
 from eora_export.evaluate import Scores, paired_bootstrap
 from eora_export.models import DEMO_DIR
-from eora_export.pipeline import RunConfig, _windows, compute
 
 pytestmark = [
     pytest.mark.skipif(not (DEMO_DIR / "model.safetensors").is_file(), reason="demo model weights missing"),
@@ -28,13 +30,13 @@ def test_default_demo_evaluation_is_the_whole_held_out_set_and_the_ood_text():
     from eora_export.calibration import read_texts, token_windows
 
     tok = AutoTokenizer.from_pretrained(DEMO_DIR)
-    _, texts = _windows(tok, RunConfig(calib_samples=1), is_demo=True)
+    _, texts = run_windows(tok, RunConfig(calib_samples=1), is_demo=True)
     assert [t.name for t in texts] == ["heldout", "ood"]
     full = token_windows(tok, read_texts(DEMO_DIR / "heldout.txt"), 256)
     assert torch.equal(texts[0].windows, full) and full.shape[0] >= 460
     assert texts[1].path == DEMO_DIR / "ood_vim_manual.txt" and texts[1].windows.shape[0] >= 60
     # other models: a stated default, not everything
-    _, texts = _windows(tok, RunConfig(calib_samples=1), is_demo=False)
+    _, texts = run_windows(tok, RunConfig(calib_samples=1), is_demo=False)
     assert [t.name for t in texts] == ["heldout"] and texts[0].windows.shape[0] == 64
 
 
@@ -46,7 +48,7 @@ def test_default_run_ranking_is_stable_across_halves_of_the_held_out_set(tmp_pat
     is ranked the other way on a half."""
     cfg = RunConfig(model="demo", out=tmp_path / "out", sparsity="magnitude", ood_file="none", sweep_ranks=[],
                     calib_samples=64)
-    report = compute(cfg, progress=False).report
+    report = run(cfg, progress=False).report
     text = report["accuracy"]["heldout"]
     assert text["windows"] >= 460
     assert text["ranking"]["kl"] == "fp16 < compressed+eora < compressed+svd < compressed", text["ranking"]

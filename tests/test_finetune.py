@@ -18,11 +18,12 @@ from safetensors.torch import load_file, save_file
 
 from eora_export.cli import main
 from eora_export.compensate.apply import swapped
+from eora_export.config import RunConfig
+from eora_export.engine import run
 from eora_export.eora_linear import EoraLinear
 from eora_export.evaluate import mean_nll
 from eora_export.finetune.job import FinetuneConfig, build_report, compare_inits, prepare, train_from
 from eora_export.finetune.train import INITS, TrainableEora, batch_schedule, lora_init, requantize, split_windows
-from eora_export.pipeline import RunConfig, compute, write_outputs
 from eora_export.quant import quantize
 
 SEQ = 32
@@ -36,7 +37,7 @@ def export(tiny_model_dir, tmp_path_factory) -> Path:
     cfg = RunConfig(model=str(tiny_model_dir), out=out, rank=8, group_size=64, sparsity="magnitude",
                     calib=[str(tiny_model_dir / "calib.txt")], eval_file=str(tiny_model_dir / "calib.txt"),
                     calib_samples=16, eval_samples=4, seq_len=SEQ, sweep_ranks=[], compare=False)
-    write_outputs(cfg, compute(cfg, progress=False))
+    run(cfg, progress=False)
     return out
 
 

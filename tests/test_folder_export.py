@@ -15,10 +15,11 @@ import torch
 from safetensors.torch import load_file
 
 from eora_export.cli import main
+from eora_export.config import RunConfig
 from eora_export.deploy.graphs import onnx_paths, write_onnx
+from eora_export.engine import run
 from eora_export.errors import MissingDependency, MissingInput, UsageError
 from eora_export.folder import FolderResult, LazyLlama, load_modules
-from eora_export.pipeline import RunConfig, compute, write_outputs
 
 RANK, GROUP = 8, 64
 
@@ -44,8 +45,7 @@ def _cli_flags(model_dir: Path) -> list[str]:
 def finished(tiny_model_dir: Path, tmp_path_factory):
     """(cfg, RunResult) of one in-memory run with its output folder written (2:4 + INT4: every storage path)."""
     cfg = _cfg(tiny_model_dir, tmp_path_factory.mktemp("run") / "out", sparsity="magnitude")
-    result = compute(cfg, progress=False)
-    write_outputs(cfg, result)
+    result = run(cfg, progress=False)
     return cfg, result
 
 

@@ -48,7 +48,7 @@ def label(method: str) -> str:
 
 @dataclass
 class Plan:
-    """What a walk computes, resolved once from the RunConfig (engine.run)."""
+    """What a walk computes, resolved once from the RunConfig (engine.runner)."""
 
     methods: list[str]  # compensated in every block, "none" first, the final method last
     sweep: dict[str, list[int]]  # method -> ranks other than --rank, on the sweep windows

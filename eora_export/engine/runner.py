@@ -297,7 +297,11 @@ def run(cfg, progress: bool = True, *, calib_windows: Tensor | None = None, eval
         plot = None
         if any(sweep_scores.values()):
             plot = (sweep_scores, {k: v for k, v in sweep_reference.items() if k != "windows"}, sweep_reference["windows"])
+        t = time.perf_counter()
         write_output_folder(src, blocks, folder, cfg, out, tokenizer, max_shard_bytes, report, plot)
+        # The returned report also holds the assembly's time (report.json was written during it).
+        report["timings"]["assemble_s"] = time.perf_counter() - t
+        report["timings"]["total_s"] = time.perf_counter() - t_start
     finally:
         if not streamed:
             shutil.rmtree(folder, ignore_errors=True)
