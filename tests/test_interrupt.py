@@ -269,20 +269,21 @@ def test_atomic_writes_survive_an_interrupt_at_every_step(tmp_path, monkeypatch,
 
 def test_an_error_caused_by_the_interrupt_still_reports_an_interrupt(tiny_model_dir, tmp_path, monkeypatch, capsys):
     """Ctrl-C inside a C extension's import surfaces as "ImportError: initialization failed": exit 130, not 70."""
-    from eora_export import cli
+    from eora_export.cli import main
+    from eora_export.cli.main import _on_signal
 
     def interrupted_import(cfg, progress=True):
         try:
-            cli._on_signal(signal.SIGINT, None)
+            _on_signal(signal.SIGINT, None)
         except KeyboardInterrupt:
             raise ImportError("initialization failed") from None
 
     monkeypatch.setattr("eora_export.pipeline.compute", interrupted_import)
     out = tmp_path / "out"
-    assert cli.main(["--model", str(tiny_model_dir), "--out", str(out), "--quiet"]) == 130
+    assert main(["--model", str(tiny_model_dir), "--out", str(out), "--quiet"]) == 130
     assert capsys.readouterr().err.strip().splitlines() == ["eora-export: interrupted; no partial output was written"]
     assert not out.exists()
     # The next run starts clean: an ordinary internal error is reported as one.
     monkeypatch.setattr("eora_export.pipeline.compute", lambda cfg, progress=True: (_ for _ in ()).throw(ImportError("x")))
-    assert cli.main(["--model", str(tiny_model_dir), "--out", str(out), "--quiet"]) == 70
-    assert signal.getsignal(signal.SIGINT) is not cli._on_signal, "main leaves the caller's handlers in place"
+    assert main(["--model", str(tiny_model_dir), "--out", str(out), "--quiet"]) == 70
+    assert signal.getsignal(signal.SIGINT) is not _on_signal, "main leaves the caller's handlers in place"

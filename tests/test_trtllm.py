@@ -208,7 +208,7 @@ def test_split_fused_group_is_refused(tiny_model_dir):
     cfg, result = shared_run(tiny_model_dir)
     partial = SimpleNamespace(**{**vars(result), "modules": {n: r for n, r in result.modules.items() if not n.endswith("k_proj")}})
     with pytest.raises(UsageError, match="q_proj/k_proj/v_proj"):
-        write_trtllm(SimpleNamespace(), cfg, partial, Path("/nonexistent/never-written"))
+        write_trtllm(cfg, partial, Path("/nonexistent/never-written"))
 
 
 def test_failed_export_leaves_previous_output(tiny_model_dir, monkeypatch, tmp_path):
@@ -224,7 +224,7 @@ def test_failed_export_leaves_previous_output(tiny_model_dir, monkeypatch, tmp_p
 
     monkeypatch.setattr("eora_export.deploy.trtllm._export_unified", broken)
     with pytest.raises(OSError, match="No space"):
-        write_trtllm(SimpleNamespace(), cfg, result, out)
+        write_trtllm(cfg, result, out)
     assert sorted(p.name for p in out.iterdir()) == ["README.md"] and (out / "README.md").read_text() == "previous"
     assert debris(tmp_path) == []
 
@@ -411,6 +411,6 @@ def test_a_code_changed_by_the_export_is_refused_in_one_line(tiny_model_dir, mon
     fake = SimpleNamespace(export_hf_checkpoint=mte.export_hf_checkpoint, export_tensorrt_llm_checkpoint=flipping)
     monkeypatch.setattr(trtllm, "_modelopt", lambda: (mtq, fake))
     with pytest.raises(BadInput) as e:
-        write_trtllm(SimpleNamespace(), cfg, result, tmp_path / "llm")
+        write_trtllm(cfg, result, tmp_path / "llm")
     assert "export_tensorrt_llm_checkpoint changed the INT4 codes (transformer.layers.1.mlp.proj does not decode" in str(e.value)
     assert "\n" not in str(e.value) and not (tmp_path / "llm").exists()

@@ -16,6 +16,7 @@ import pytest
 import torch
 from onnx_helpers import compress_llama, tiny_llama
 
+from eora_export.config import DeployConfig
 from eora_export.deploy.verify import compare_models, nll, polygraphy_command, token_windows
 from eora_export.onnx.export import export_baseline_onnx, export_onnx
 from eora_export.onnx.runtime import make_session
@@ -157,7 +158,7 @@ def test_verify_prints_an_absolute_replay_without_a_plugin(monkeypatch, tmp_path
     monkeypatch.chdir(tmp_path)
     cfg = SimpleNamespace(out=Path("demo.eora"), seq_len=32)
     paths = deploy.onnx_paths(Path("demo.onnx"))
-    deploy.run_verify(SimpleNamespace(plugin_lib=None), cfg, SimpleNamespace(held=None), paths)
+    deploy.run_verify(DeployConfig(), cfg, SimpleNamespace(held=None), paths)
     line = capsys.readouterr().out.splitlines()[-1].strip()
     assert _replay_paths(line) == {"model": str(tmp_path / "demo.onnx"), "--plugins": str(build_dir / "libeora_plugin.so"),
                                    "--load-inputs": str(tmp_path / "demo.eora" / "verify" / "inputs.json"),
@@ -190,7 +191,7 @@ def _replay(path: Path) -> str:
 
 
 def test_compare_trt_without_tensorrt_names_the_replay_command(monkeypatch, tmp_path):
-    from eora_export.commands import _compare_trt
+    from eora_export.cli.commands import _compare_trt
     from eora_export.errors import MissingDependency
 
     monkeypatch.setitem(sys.modules, "tensorrt", None)
@@ -202,7 +203,7 @@ def test_compare_trt_without_tensorrt_names_the_replay_command(monkeypatch, tmp_
 
 
 def test_compare_trt_runs_each_model_and_fails_on_a_failed_check(monkeypatch, tmp_path, capsys):
-    from eora_export import commands
+    from eora_export.cli import commands
     from eora_export.deploy import engine_build as build
     from eora_export.errors import MissingInput
 

@@ -6,20 +6,20 @@ import argparse
 import shutil
 from pathlib import Path
 
-from .errors import MissingDependency, MissingInput, UsageError
+from ..config import FORMATS, DeployConfig
+from ..errors import MissingDependency, MissingInput, UsageError
+from .parser import Parser, add_deploy_options, from_args, output_format
 
 
 def _parser(prog: str, description: str) -> argparse.ArgumentParser:
-    from .cli import _Parser
-
-    return _Parser(prog=f"eora-export {prog}", description=description)
+    return Parser(prog=f"eora-export {prog}", description=description)
 
 
 def compare_main(argv: list[str]) -> int:
     """Polygraphy comparison of existing ONNX files on held-out text."""
-    from .calibration import read_texts, token_windows
-    from .deploy.verify import compare_models, polygraphy_command
-    from .models import DEMO_DIR
+    from ..calibration import read_texts, token_windows
+    from ..deploy.verify import compare_models, polygraphy_command
+    from ..models import DEMO_DIR
 
     p = _parser("compare", "Compare compensated ONNX models with the FP16 baseline: max/mean |Δlogits|, "
                 "top-1 agreement and perplexity, through Polygraphy (ONNX Runtime on the CPU).")
@@ -64,7 +64,7 @@ def compare_main(argv: list[str]) -> int:
 
 
 def _compare_plugin(flag: str | None) -> Path | None:
-    from .deploy.plugin import PluginError, find_library
+    from ..deploy.plugin import PluginError, find_library
 
     if flag:
         return Path(flag)
@@ -79,8 +79,8 @@ def _compare_trt(models: dict[str, Path], plugin: Path | None, replay, out: Path
     import shlex
     import subprocess
 
-    from .deploy.engine_build import missing_tensorrt_reason
-    from .deploy.verify import plugin_path
+    from ..deploy.engine_build import missing_tensorrt_reason
+    from ..deploy.verify import plugin_path
 
     reason = missing_tensorrt_reason()
     if reason is None and shutil.which("polygraphy") is None:
@@ -102,7 +102,7 @@ def _compare_trt(models: dict[str, Path], plugin: Path | None, replay, out: Path
 
 def build_plugin_main(argv: list[str]) -> int:
     """Compile libeora_plugin.so with CMake + nvcc against the TensorRT headers."""
-    from .deploy.plugin import PluginError, build_plugin
+    from ..deploy.plugin import PluginError, build_plugin
 
     p = _parser("build-plugin", "Build trt_plugins/ (CUDA + TensorRT headers) into libeora_plugin.so.")
     p.add_argument("--build-dir", type=Path, help="CMake build folder (default: build/trt_plugins in the repository)")
@@ -116,7 +116,7 @@ def build_plugin_main(argv: list[str]) -> int:
 
 
 def inspect_main(argv: list[str]) -> int:
-    from .describe import describe
+    from ..describe import describe
 
     p = _parser("inspect", "Print what is inside an eora-export output: ONNX graph, engine, folder, adapter, Triton repository.")
     p.add_argument("path", type=Path)
@@ -130,10 +130,9 @@ def inspect_main(argv: list[str]) -> int:
 
 def export_main(argv: list[str]) -> int:
     """Deployable outputs (ONNX, engine, Triton) from a finished output folder, one block in memory at a time."""
-    from .cli import FORMATS, add_export_flags, output_format
-    from .deploy.graphs import write_deployment
-    from .models import resolve_model
-    from .outputs import FolderResult, original_model_path, read_quantization
+    from ..deploy.graphs import write_deployment
+    from ..folder import FolderResult, original_model_path, read_quantization
+    from ..models import resolve_model
 
     p = _parser("export", "Write ONNX graphs, a TensorRT engine or a Triton repository from an eora-export output folder "
                 "(in-memory, streamed or fine-tuned). Layers are read one decoder block at a time, so 7B folders fit in memory.")
@@ -142,9 +141,9 @@ def export_main(argv: list[str]) -> int:
     p.add_argument("--format", choices=[f for f in FORMATS if f in ("onnx", "plan", "triton")],
                    help="default from --out: .onnx -> onnx, .plan -> plan")
     p.add_argument("--model", help="the original FP16 model, for the baseline graph (default: the path the folder records)")
-    add_export_flags(p)
+    add_deploy_options(p)
     args = p.parse_args(argv)
-    fmt = output_format(args)
+    fmt = output_format(args.format, args.out)
     if fmt == "dir":
         raise UsageError(f"--out {args.out} names no deployable output; give X.onnx, X.plan, or --format triton")
     if not args.folder.is_dir():
@@ -153,5 +152,5 @@ def export_main(argv: list[str]) -> int:
     model_path = resolve_model(args.model) if args.model else original_model_path(args.folder)
     if model_path is None:
         raise MissingInput(f"the model {args.folder} was made from is not found; pass --model PATH for the FP16 baseline graph")
-    args.verify = False
-    return write_deployment(args, fmt, None, FolderResult(args.folder, model_path))
+    deploy = from_args(DeployConfig, args, format=fmt, out=args.out)
+    return write_deployment(deploy, None, FolderResult(args.folder, model_path))

@@ -1,7 +1,7 @@
 """``eora-export finetune``: train the low-rank factors of an export on a frozen compressed base.
 
-Flags and the order of the outputs only; the work is finetune_job.py (steps), finetune.py
-(training) and finetune_io.py (folders).
+Flags and the order of the outputs only; the work is :mod:`eora_export.finetune` (job.py: steps,
+train.py: training, folders.py: folders).
 """
 
 from __future__ import annotations
@@ -11,16 +11,17 @@ import os
 import time
 from pathlib import Path
 
-from .errors import UsageError
+from ..config import FORMATS, DeployConfig
+from ..errors import UsageError
+from .parser import Parser, add_deploy_options, from_args, output_format
 
 FINETUNE_FORMATS = ("dir", "onnx", "plan", "triton")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .cli import FORMATS, _Parser, add_export_flags
-    from .finetune.train import INITS
+    from ..finetune.train import INITS
 
-    p = _Parser(
+    p = Parser(
         prog="eora-export finetune",
         description="Fine-tune the low-rank factors of an eora-export adapter on text, the compressed base frozen "
         "(QLoRA-style: AdamW on A and B only), then re-quantize them and write the same outputs as the export.",
@@ -50,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also train from the other inits with the same steps, lr, seed and batches, and report held-out perplexity of each")
     g.add_argument("--lowrank-bits", type=int, help="storage of the trained factors: 4, 8 or 16 (default: what the input adapter used)")
     g.add_argument("--lowrank-group-size", type=int, default=0, help="factor quantization group (default: the input's, else auto)")
-    add_export_flags(p)
+    add_deploy_options(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
@@ -76,14 +77,13 @@ def _refuse_own_input(out: Path, adapter: Path, base: Path | None) -> None:
 def finetune_main(argv: list[str]) -> int:
     if "--quiet" in argv:
         _quiet()  # before anything imports tqdm, which reads TQDM_DISABLE once
-    from .cli import output_format
-    from .deploy.graphs import artifacts_dir
-    from .finetune.folders import write_finetuned
-    from .finetune.job import FinetuneConfig, build_report, compare_inits, output_meta, prepare, train_from
-    from .validate import check_output_location
+    from ..deploy.graphs import artifacts_dir
+    from ..finetune.folders import write_finetuned
+    from ..finetune.job import FinetuneConfig, build_report, compare_inits, output_meta, prepare, train_from
+    from ..validate import check_output_location
 
     args = build_parser().parse_args(argv)
-    fmt = output_format(args)
+    fmt = output_format(args.format, args.out)
     if fmt not in FINETUNE_FORMATS:
         raise UsageError(f"finetune writes {', '.join(FINETUNE_FORMATS)}; for TensorRT-LLM use the fine-tuned folder's adapter/ "
                          "and base/ with the README's recipe")
@@ -109,8 +109,8 @@ def finetune_main(argv: list[str]) -> int:
     print(f"fine-tuned adapter, compressed checkpoint and report: {out}/")
     if fmt == "dir":
         return 0
-    from .deploy.graphs import write_deployment
-    from .outputs import FolderResult
+    from ..deploy.graphs import write_deployment
+    from ..folder import FolderResult
 
-    args.verify = False
-    return write_deployment(args, fmt, None, FolderResult(out, session.model_path))
+    deploy = from_args(DeployConfig, args, format=fmt, out=args.out)
+    return write_deployment(deploy, None, FolderResult(out, session.model_path))

@@ -19,6 +19,7 @@ from ..errors import MissingDependency, MissingInput, UsageError
 from .verify import plugin_path
 
 if TYPE_CHECKING:
+    from ..config import DeployConfig
     from .engine_build import ShapeProfile
 
 log = logging.getLogger("eora_export")
@@ -42,7 +43,7 @@ def write_onnx(result, out: Path, kv_cache: bool = False) -> OnnxSet:
     """Fused + pattern graphs of the run's final modules, and the FP16 baseline graph
     (each written atomically by the exporter; external data above 1.5 GiB).
 
-    ``result``: a pipeline RunResult or an outputs.FolderResult (a finished folder, whose
+    ``result``: a pipeline RunResult or a folder.FolderResult (a finished folder, whose
     layers are loaded one block at a time while the graph is written).
     """
     from ..onnx.export import export_baseline_onnx, export_onnx
@@ -94,24 +95,24 @@ def artifacts_dir(out: Path, fmt: str) -> Path:
     return base.with_name(base.name + ".eora")
 
 
-def _plugin_library(args) -> Path | None:
+def _plugin_library(deploy: DeployConfig) -> Path | None:
     from .plugin import PluginError, find_library
 
-    if args.plugin_lib:
-        if not args.plugin_lib.is_file():
-            raise MissingInput(f"--plugin-lib {args.plugin_lib} does not exist; build it with `eora-export build-plugin`")
-        return args.plugin_lib
+    if deploy.plugin_lib:
+        if not deploy.plugin_lib.is_file():
+            raise MissingInput(f"--plugin-lib {deploy.plugin_lib} does not exist; build it with `eora-export build-plugin`")
+        return deploy.plugin_lib
     try:
         return find_library()
     except PluginError as e:  # $EORA_PLUGIN_LIB names no file: the user's input, not our bug
         raise MissingInput(str(e)) from None
 
 
-def _profile(args, result) -> ShapeProfile:
+def _profile(deploy: DeployConfig, result) -> ShapeProfile:
     from .engine_build import ShapeProfile
 
-    max_seq = min(args.max_seq, int(getattr(result.model.config, "max_position_embeddings", args.max_seq)))
-    return ShapeProfile(batch=(1, 1, args.max_batch), seq=(1, min(args.opt_seq, max_seq), max_seq))
+    max_seq = min(deploy.max_seq, int(getattr(result.model.config, "max_position_embeddings", deploy.max_seq)))
+    return ShapeProfile(batch=(1, 1, deploy.max_batch), seq=(1, min(deploy.opt_seq, max_seq), max_seq))
 
 
 def write_build_script(plan: Path, plugin: Path | None, command: str) -> Path:
@@ -148,13 +149,13 @@ cd "$HERE"
     return script
 
 
-def write_plan(args, result, plan: Path) -> int:
+def write_plan(deploy: DeployConfig, result, plan: Path) -> int:
     from .engine_build import build_engine, trtexec_command
 
-    paths = write_onnx(result, plan.with_suffix(".onnx"), kv_cache=args.kv_cache)
-    plugin = _plugin_library(args)
-    profile = _profile(args, result)
-    cache = args.timing_cache or plan.with_suffix(".timing.cache")
+    paths = write_onnx(result, plan.with_suffix(".onnx"), kv_cache=deploy.kv_cache)
+    plugin = _plugin_library(deploy)
+    profile = _profile(deploy, result)
+    cache = deploy.timing_cache or plan.with_suffix(".timing.cache")
     try:
         build_engine(paths.fused, plan, plugin, profile, cache)
     except MissingDependency as e:
@@ -170,14 +171,14 @@ def write_plan(args, result, plan: Path) -> int:
     return 0
 
 
-def write_triton(args, result, repo: Path) -> int:
+def write_triton(deploy: DeployConfig, result, repo: Path) -> int:
     from . import triton
     from .engine_build import build_engine, missing_tensorrt_reason
 
     staging = artifacts_dir(repo, "triton")
     onnx_set = write_onnx(result, staging / "model.onnx", kv_cache=False)
-    plugin = _plugin_library(args)
-    model = triton.TritonModel(args.triton_name, int(result.model.config.vocab_size), args.max_batch)
+    plugin = _plugin_library(deploy)
+    model = triton.TritonModel(deploy.triton_name, int(result.model.config.vocab_size), deploy.max_batch)
     reason = missing_tensorrt_reason()
     trt_version = None
     # Only this model's folder is replaced: other models in the repository stay.
@@ -186,8 +187,8 @@ def write_triton(args, result, repo: Path) -> int:
             import tensorrt
 
             trt_version = str(getattr(tensorrt, "__version__", "unknown"))
-            cache = args.timing_cache or staging / "model.timing.cache"
-            plan = build_engine(onnx_set.fused, staging / "model.plan", plugin, _profile(args, result), cache)
+            cache = deploy.timing_cache or staging / "model.timing.cache"
+            plan = build_engine(onnx_set.fused, staging / "model.plan", plugin, _profile(deploy, result), cache)
             triton.write_model_dir(plan, tmp, model, notes=triton.plan_notes(trt_version))
         else:
             # Without TensorRT the repository serves the unfused pattern on ONNX Runtime.
@@ -232,31 +233,35 @@ Platform: {platform}. Input `{model.input_name}` INT64 [batch, seq]; output `{mo
 {notes}"""
 
 
-def write_deployment(args, fmt: str, cfg, result) -> int:
-    """The deployable output for ``fmt``; returns the exit code."""
+def write_deployment(deploy: DeployConfig, cfg, result) -> int:
+    """The deployable output ``deploy.format`` at ``deploy.out``; returns the exit code.
+
+    cfg: the run's RunConfig (None for a finished folder: ``eora-export export`` / ``finetune``).
+    """
+    fmt, out = deploy.format, deploy.out
     if fmt == "onnx":
-        paths = write_onnx(result, args.out, kv_cache=args.kv_cache)
+        paths = write_onnx(result, out, kv_cache=deploy.kv_cache)
         print(f"ONNX: {paths.fused} (EoraLinear nodes), {paths.pattern} (unfused pattern), {paths.baseline} (FP16 baseline)")
-        if args.verify:
-            run_verify(args, cfg, result, paths)
+        if deploy.verify:
+            run_verify(deploy, cfg, result, paths)
         return 0
     if fmt == "plan":
-        return write_plan(args, result, args.out)
+        return write_plan(deploy, result, out)
     if fmt == "triton":
-        return write_triton(args, result, args.out)
+        return write_triton(deploy, result, out)
     if fmt == "trtllm":
         from .trtllm import write_trtllm
 
-        return write_trtllm(args, cfg, result, args.out)
+        return write_trtllm(cfg, result, out)
     raise UsageError(f"unknown --format {fmt}")
 
 
-def run_verify(args, cfg, result, paths: OnnxSet) -> None:
+def run_verify(deploy: DeployConfig, cfg, result, paths: OnnxSet) -> None:
     from .verify import polygraphy_command
 
     verify_dir = cfg.out / "verify"
     report = verify_onnx(result, cfg, paths, result.held, verify_dir)
     print(report.table())
     print("replay on a GPU machine with TensorRT:\n  " + polygraphy_command(
-        paths.fused, _plugin_library(args), inputs_json=verify_dir / "inputs.json",
+        paths.fused, _plugin_library(deploy), inputs_json=verify_dir / "inputs.json",
         baseline_outputs=verify_dir / "baseline_outputs.json", seq_len=cfg.seq_len))

@@ -16,6 +16,9 @@ the build folder.
 Registration with TensorRT: the library registers ``EoraLinear`` itself in whichever order it and
 TensorRT are loaded (trt_plugins/eora_linear/README.md, "Loading"); :func:`load_plugin` also asks it
 to register when ``tensorrt`` is already imported.
+
+One module above 500 lines on purpose: finding, building, loading and calling the library share
+its paths, its handle and :class:`PluginError`; split, each part would import the others' internals.
 """
 
 from __future__ import annotations

@@ -424,7 +424,7 @@ def trtllm_readme(out: Path, *, quant: str, bits: int, group_size: int, sparsity
     return "\n".join(lines) + "\n"
 
 
-def write_trtllm(args: Any, cfg: Any, result: Any, out: Path) -> int:
+def write_trtllm(cfg: Any, result: Any, out: Path) -> int:
     """Write ``out/checkpoint``, ``out/trtllm_checkpoint``, ``out/lora`` and ``out/README.md`` atomically."""
     from ..adapter import save_peft_adapter
 
