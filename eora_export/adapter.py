@@ -1,6 +1,6 @@
 """Write the compensation as a PEFT LoRA adapter and the compressed base as an HF checkpoint.
 
-Layout (DESIGN §6), read by peft, TensorRT-LLM, vLLM and GPTQModel:
+Layout (docs/design.md §6), read by peft, TensorRT-LLM, vLLM and GPTQModel:
   adapter/adapter_config.json        r, lora_alpha = r (scaling 1), target_modules
   adapter/adapter_model.safetensors  base_model.model.<path>.lora_A.weight [r, in]
                                      base_model.model.<path>.lora_B.weight [out, r]

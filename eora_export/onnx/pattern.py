@@ -1,4 +1,4 @@
-"""The canonical unfused ONNX subgraph of one ``EoraLinear`` (DESIGN §4), emitter and matcher.
+"""The canonical unfused ONNX subgraph of one ``EoraLinear`` (docs/design.md §4), emitter and matcher.
 
 ::
 

@@ -15,7 +15,7 @@ float16 tensors, so float16 inputs reach it through ``Cast(to=FLOAT)`` and its f
 output (float16 values, exactly) goes back through ``Cast(to=FLOAT16)``: both casts are
 lossless, so the node's result is unchanged.
 
-Exact-reference options (DESIGN §4): ``ORT_ENABLE_BASIC`` and
+Exact-reference options (docs/design.md §4): ``ORT_ENABLE_BASIC`` and
 ``session.qdq_matmulnbits_accuracy_level = "0"``, so DQ+MatMul never becomes MatMulNBits
 with 8-bit activations.
 """
