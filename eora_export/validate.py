@@ -7,7 +7,7 @@ wrong and what to do, raised as the :mod:`errors` class of its exit code:
 ==============  ==========================================================  ==============
 step            what                                                        error (exit)
 ==============  ==========================================================  ==============
-options         batch size, group sizes, sweep ranks, --calib weights       UsageError (2)
+options         RunConfig.validate: every rule on the flags alone           UsageError (2)
 config          config.json a JSON object, Llama/Mistral, sizes, not        BadInput (4)
                 already quantized
 weights         weight files and shards present; safetensors headers        MissingInput (3),
@@ -101,7 +101,7 @@ def preflight(cfg, model_path: Path, *, fmt: str | None = None, deploy_out: Path
     model_path = Path(model_path)
     fmt = fmt or getattr(cfg, "format", None) or ("onnx" if Path(cfg.out).name.endswith(".eora") else "dir")
     deploy_out = deploy_out or getattr(cfg, "deploy_out", None)
-    check_options(cfg)
+    cfg.validate()  # the rules on the options alone (config.RunConfig.validate)
     config = check_config(model_path)
     ckpt = check_weights(model_path)
     linears = check_layers(config, ckpt, cfg.only, cfg.skip)
@@ -113,31 +113,6 @@ def preflight(cfg, model_path: Path, *, fmt: str | None = None, deploy_out: Path
     if scan_values:
         scan_weights(ckpt)
     return Plan(config, ckpt, linears, out_bytes)
-
-
-# --------------------------------------------------------------------------- options
-
-
-def check_options(cfg) -> None:
-    """Flags the parser cannot check alone (RunConfig.validate covers method, rank, bits, samples)."""
-    if cfg.batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1, got {cfg.batch_size}")
-    if cfg.quant != "none" and cfg.group_size <= 0:
-        raise UsageError(f"--group-size must be positive, got {cfg.group_size}")
-    if cfg.lowrank_group_size < 0:
-        raise UsageError(f"--lowrank-group-size must be 0 (automatic) or positive, got {cfg.lowrank_group_size}")
-    bad = [r for r in (cfg.sweep_ranks or []) if r <= 0]
-    if bad:
-        raise UsageError(f"--sweep-ranks must be positive integers, got {bad[0]}")
-    from .calibration import CalibSource
-
-    for spec in cfg.calib:
-        try:
-            src = CalibSource.parse(spec)
-        except ValueError:
-            raise UsageError(f"--calib {spec}: expected FILE or FILE:WEIGHT") from None
-        if not (math.isfinite(src.weight) and src.weight > 0):
-            raise UsageError(f"--calib {spec}: the weight must be a positive number, e.g. --calib data.txt:0.7")
 
 
 # --------------------------------------------------------------------------- config.json
