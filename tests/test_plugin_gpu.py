@@ -2,7 +2,7 @@
 
 Every path (GEMV, tensor core, 2:4 GEMV, simple), weight INT4 / 2:4+INT4 / FP16, ranks 0-256 and
 INT4 / INT8 / FP16 factors, for M from 1 to 1000, is compared with
-:meth:`eora_export.modules.EoraLinear.forward` on the same GPU. Skipped without CUDA.
+:meth:`eora_export.eora_linear.EoraLinear.forward` on the same GPU. Skipped without CUDA.
 
 Shapes are small (K=1024, N=200: two column tiles, the second partial) so the whole file runs in
 well under a minute on an H100 once the library is built.

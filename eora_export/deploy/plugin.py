@@ -5,7 +5,7 @@
 the tests and benchmarks call the very kernel an engine runs on torch CUDA tensors through ctypes::
 
     lib = load_plugin()                       # finds (or is told) the .so
-    tensors, attrs = plugin_inputs(layer)     # an eora_export.modules.EoraLinear, in plugin layout
+    tensors, attrs = plugin_inputs(layer)     # an eora_export.eora_linear.EoraLinear, in plugin layout
     y = eora_linear_cuda(x, tensors, attrs)   # x: float16 CUDA [..., in_features]
 
 Where the library is looked for, in order: ``$EORA_PLUGIN_LIB``, the build folder
@@ -282,7 +282,7 @@ def last_error(lib: ctypes.CDLL | None = None) -> str:
 
 
 def plugin_inputs(layer: Any, device: Any = "cuda") -> tuple[dict[str, Any], dict[str, Any]]:
-    """The constant inputs of an :class:`eora_export.modules.EoraLinear` in the plugin's layout.
+    """The constant inputs of an :class:`eora_export.eora_linear.EoraLinear` in the plugin's layout.
 
     Returns ``(tensors, attrs)``: tensors by spec role (``w``, ``w_scale``, ``a``, ...; absent roles
     left out) as torch tensors on ``device`` — INT4 codes packed two per byte along N in an int8

@@ -121,7 +121,7 @@ class LinearWeights:
 
     @classmethod
     def from_module(cls, mod: Any) -> LinearWeights:
-        """From an :class:`eora_export.modules.EoraLinear` (torch layout ``[rows, cols]``)."""
+        """From an :class:`eora_export.eora_linear.EoraLinear` (torch layout ``[rows, cols]``)."""
         wq, aq, bq = mod.weight_q, mod.a_q, mod.b_q
         attrs = spec.layer_attrs(mod)
 

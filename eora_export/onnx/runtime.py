@@ -1,7 +1,7 @@
 """ONNX Runtime sessions for our graphs, including a CPU implementation of the fused node.
 
 The fused ``eora::EoraLinear`` node runs as an onnxruntime-extensions PyOp: numpy code
-with the spec's rounding points, which are :meth:`eora_export.modules.EoraLinear.forward`'s:
+with the spec's rounding points, which are :meth:`eora_export.eora_linear.EoraLinear.forward`'s:
 products and sums accumulate in float32, x·A is rounded to float16 before the second
 product, and the result is rounded once. (ORT's CPU EP has no float16 MatMul/Add on x86:
 it runs the unfused pattern in float32 through inserted Casts and removes the

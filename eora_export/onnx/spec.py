@@ -110,7 +110,7 @@ def input_layouts(attrs: Mapping[str, Any]) -> dict[str, tuple[str, tuple[int, .
 
 
 def layer_attrs(layer: Any) -> dict[str, Any]:
-    """The validated node attributes of an ``eora_export.modules.EoraLinear`` (its ``weight_q``,
+    """The validated node attributes of an ``eora_export.eora_linear.EoraLinear`` (its ``weight_q``,
     ``a_q``, ``b_q`` carry bits and group sizes). Shared by the graph emitter and the plugin's
     torch-only input builder, so both describe a layer the same way."""
     wq, aq, bq = layer.weight_q, layer.a_q, layer.b_q
