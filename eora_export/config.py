@@ -25,8 +25,8 @@ from .compensate.apply import CompensationConfig
 from .compensate.ranks import parse_budget
 from .compress import CompressConfig, quant_choices, sparsity_choices
 from .errors import UsageError
+from .methods import get_method, method_names
 
-METHOD_CHOICES = ("eora", "svd", "none", "lsi", "lsi+eora", "eora-fb")
 STREAM_INPUTS = ("fp", "compressed")
 ACT_DTYPES = ("auto", "float16", "float32")
 DEVICES = ("auto", "cpu", "cuda")
@@ -63,10 +63,8 @@ class RunConfig:
     model: str = field(default="demo", metadata=cli(
         help="'demo', a local Hugging Face folder, or an alias such as llama2-7b (looked up in the local HF cache)"))
     out: Path = field(default=Path("eora-out"), metadata=cli(help="output: a folder, X.onnx, or X.plan"))
-    method: str = field(default=defaults.METHOD, metadata=cli(group=COMPENSATION, choices=METHOD_CHOICES,
-                          help="eora, svd, none, or LSI (learnable singular-value increments, trained block by block) "
-                          "alone or followed by EoRA; eora-fb: error-feedback EoRA, each layer fitted to the FP outputs "
-                          "from the inputs its compressed and compensated upstream produces"))
+    method: str = field(default=defaults.METHOD, metadata=cli(group=COMPENSATION, choices=method_names(),
+                          help="; ".join(f"{m}: {get_method(m).help}" for m in method_names())))
     rank: int = field(default=defaults.RANK, metadata=cli(group=COMPENSATION,
         help="rank of the low-rank residual; clamped per layer to min(out, in)"))
     lowrank_bits: int = field(default=defaults.LOWRANK_BITS, metadata=cli(group=COMPENSATION, help="storage of the factors: 4, 8 or 16"))
@@ -137,12 +135,8 @@ class RunConfig:
 
     def validate(self) -> None:
         """Every rule on the options alone; rules that need the model or files are :mod:`validate`'s."""
-        if self.method not in METHOD_CHOICES:
-            raise UsageError(f"unknown --method {self.method}; use one of {', '.join(METHOD_CHOICES)}")
-        if self.method.startswith("lsi") and self.sparsity != "none":
-            raise UsageError("--method lsi trains quantized weights and does not keep a 2:4 mask; use --sparsity none")
-        if self.method.startswith("lsi") and self.quant == "none":
-            raise UsageError("--method lsi needs a weight quantizer (--quant rtn, gptq or awq) to start from")
+        method = get_method(self.method)  # one line naming the choices for an unknown method
+        method.check(self)
         if self.method != "none" and self.rank <= 0:
             raise UsageError(f"--rank must be a positive integer, got {self.rank}")
         if self.lowrank_bits not in LOWRANK_BITS:
@@ -155,8 +149,9 @@ class RunConfig:
             raise UsageError("--calib-samples and --eval-samples must be positive and --seq-len at least 2")
         if self.rank_budget is not None:
             parse_budget(self.rank_budget)
-            if self.method not in ("eora", "eora-fb"):
-                raise UsageError(f"--rank-budget allocates EoRA ranks; use it with --method eora or eora-fb, not {self.method}")
+            if not method.allocates:
+                allocating = " or ".join(m for m in method_names() if get_method(m).allocates)
+                raise UsageError(f"--rank-budget allocates EoRA ranks; use it with --method {allocating}, not {self.method}")
             if self.val_samples <= 0:
                 raise UsageError("--rank-budget needs validation windows: --val-samples must be positive")
         if self.stream_inputs not in STREAM_INPUTS:

@@ -14,6 +14,7 @@ Adding a method: write its file with a ``register(Method(...))`` call and add th
 from __future__ import annotations
 
 import importlib
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -77,12 +78,14 @@ class Method:
 
 
 METHODS: dict[str, Method] = {}
+_ORIGIN: dict[str, str] = {}  # method -> the module that registered it
 
 
 def register(method: Method) -> Method:
     if method.name in METHODS and METHODS[method.name] is not method:
         raise ValueError(f"compensation method {method.name!r} is registered twice")
     METHODS[method.name] = method
+    _ORIGIN[method.name] = sys._getframe(1).f_globals.get("__name__", "")
     return method
 
 
@@ -92,8 +95,10 @@ def _load() -> None:
 
 
 def method_names() -> tuple[str, ...]:
+    """Every method, in METHOD_MODULES order then registration order (the CLI's order)."""
     _load()
-    return tuple(METHODS)
+    rank = {m: i for i, m in enumerate(METHOD_MODULES)}
+    return tuple(sorted(METHODS, key=lambda n: rank.get(_ORIGIN[n], len(rank))))
 
 
 def get_method(name: str) -> Method:

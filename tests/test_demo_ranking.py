@@ -1,6 +1,6 @@
 """The demo's default evaluation ranks methods the way the full held-out set does, and stably.
 
-DESIGN §10: perplexity over the first 64 held-out windows ranked EoRA last where all 466
+docs/design.md §10: perplexity over the first 64 held-out windows ranked EoRA last where all 466
 windows ranked it first. The default run now evaluates every held-out window of the demo and
 ranks by the paired KL(fp16 ‖ model) with intervals; these tests check that the ranking it
 prints is the full set's, and that no difference it calls real reverses on either half of the

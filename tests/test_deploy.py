@@ -2,7 +2,7 @@
 engine build against a fake TensorRT API, the Triton repository, and atomic writes.
 
 One compression run on the tiny model is shared by this file, test_inspect.py and test_trtllm.py
-(:func:`shared_run`); the CLI tests reuse it by standing in for ``pipeline.compute``.
+(:func:`shared_run`); the CLI tests reuse it by standing in for ``engine.run`` (:func:`stand_in`).
 """
 
 from __future__ import annotations
@@ -21,12 +21,13 @@ import pytest
 import torch
 
 from eora_export.cli import main
+from eora_export.config import RunConfig
 from eora_export.deploy import engine_build as trt_build
 from eora_export.deploy import graphs as deploy
 from eora_export.deploy.engine_build import ShapeProfile, build_engine, trtexec_command
 from eora_export.deploy.triton import TritonModel, config_pbtxt
+from eora_export.engine import run
 from eora_export.errors import MissingDependency
-from eora_export.pipeline import RunConfig, compute
 
 GROUP = 64  # TensorRT-LLM takes 64 or 128; the tiny model's widths are 128 and 256
 RANK = 8
@@ -42,12 +43,24 @@ def _shared(model_dir: str) -> tuple[RunConfig, object]:
         calib=[str(Path(model_dir) / "calib.txt")], eval_file=str(Path(model_dir) / "calib.txt"),
         calib_samples=16, eval_samples=4, seq_len=64, sweep_ranks=[RANK], compare=False,
     )
-    return cfg, compute(cfg, progress=False)
+    return cfg, run(cfg, progress=False)
 
 
 def shared_run(model_dir: Path) -> tuple[RunConfig, object]:
     """(cfg, RunResult) of one compression of the tiny model, computed once per test session."""
     return _shared(str(model_dir))
+
+
+def stand_in(result):
+    """An ``engine.run`` that returns ``result`` after copying its output folder to the asked ``cfg.out``."""
+    import shutil
+
+    def fake_run(cfg, progress=True, **_kw):
+        if Path(cfg.out).resolve() != Path(result.out).resolve():
+            shutil.copytree(result.out, cfg.out, dirs_exist_ok=True)
+        return result
+
+    return fake_run
 
 
 def cli_args(model_dir: Path, out: Path, *extra: str) -> list[str]:
@@ -60,7 +73,7 @@ def cli_args(model_dir: Path, out: Path, *extra: str) -> list[str]:
 def run_cli(tiny_model_dir, monkeypatch, capsys):
     """``main(argv)`` with the shared run standing in for compute; returns (code, stdout, stderr)."""
     _, result = shared_run(tiny_model_dir)
-    monkeypatch.setattr("eora_export.pipeline.compute", lambda cfg, progress=True: result)
+    monkeypatch.setattr("eora_export.engine.run", stand_in(result))
     monkeypatch.setenv("TQDM_DISABLE", "1")  # what --quiet sets, restored after the test
 
     def run(out: Path, *extra: str) -> tuple[int, str, str]:

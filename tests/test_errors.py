@@ -23,8 +23,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from eora_export import pipeline
 from eora_export.cli import main
+from eora_export.config import RunConfig
+from eora_export.engine import run
 from eora_export.errors import BadInput, UsageError
 
 SHORT = "Too short for a window."
@@ -344,11 +345,11 @@ def test_real_process_prints_one_line(tiny_model_dir, tmp_path):
 def clamped_run(tiny_model_dir, tmp_path_factory):
     """A run with --rank 200, larger than every layer of the tiny model (128 / 64 wide)."""
     calib = str(tiny_model_dir / "calib.txt")
-    cfg = pipeline.RunConfig(
+    cfg = RunConfig(
         model=str(tiny_model_dir), out=tmp_path_factory.mktemp("clamped") / "out", rank=200, calib=[calib], eval_file=calib,
         calib_samples=4, eval_samples=2, seq_len=32, group_size=64, compare=False, sweep_ranks=[200],
     )
-    return cfg, pipeline.compute(cfg, progress=False)
+    return cfg, run(cfg, progress=False)
 
 
 def test_rank_larger_than_a_layer_is_clamped_and_reported(clamped_run):
@@ -375,12 +376,11 @@ def test_out_of_disk_while_writing_keeps_the_previous_output(clamped_run, tmp_pa
         Path(path).write_text("{partial")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
-    monkeypatch.setattr(pipeline, "compute", lambda cfg, progress=True: result)
-    monkeypatch.setattr(pipeline, "write_json", full_disk)
+    monkeypatch.setattr("eora_export.engine.assemble.write_json", full_disk)
     env = Env(model=Path(result.model_path), out=out, tmp=tmp_path)
     capsys.readouterr()
     assert main(_base_argv(env)) == 4
-    err = [e for e in capsys.readouterr().err.strip().splitlines() if "torch_dtype" not in e]
+    err = [e for e in capsys.readouterr().err.strip().splitlines() if e.startswith("eora-export:")]  # not progress bars
     assert len(err) == 1 and "No space left on device" in err[0] and "disk space" in err[0], err
     assert (out / "report.json").read_text() == '{"previous": true}'
     assert (out / "base" / "model.safetensors").read_bytes() == b"old weights"

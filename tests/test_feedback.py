@@ -9,8 +9,8 @@ from eora_export.compensate.apply import CompensationConfig, compensate_layers
 from eora_export.compensate.eora import eora_factors, weighted_error
 from eora_export.compensate.feedback import feedback_error, feedback_factors, feedback_target, feedback_walk, walk_units
 from eora_export.compress import CompressConfig, compress_model
+from eora_export.eora_linear import EoraLinear
 from eora_export.models import set_module
-from eora_export.modules import EoraLinear
 
 F64 = torch.float64
 

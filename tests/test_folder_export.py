@@ -152,7 +152,7 @@ def test_streamed_run_writes_the_same_graph_as_the_in_memory_run(tiny_model_dir,
     assert main([*flags, "--stream", "--stream-act-dtype", "float32", "--out", str(tmp_path / "st" / "s.onnx")]) == 0
     _assert_same_graph(tmp_path / "mem" / "m.onnx", tmp_path / "st" / "s.onnx")
     report = json.loads((tmp_path / "st" / "s.eora" / "report.json").read_text())
-    assert "streaming" in report
+    assert report["engine"]["streamed"]
 
 
 def test_streamed_plan_without_tensorrt_leaves_a_build_script(tiny_model_dir, tmp_path, monkeypatch, capsys):

@@ -272,18 +272,18 @@ def test_an_error_caused_by_the_interrupt_still_reports_an_interrupt(tiny_model_
     from eora_export.cli import main
     from eora_export.cli.main import _on_signal
 
-    def interrupted_import(cfg, progress=True):
+    def interrupted_import(cfg, progress=True, **_kw):
         try:
             _on_signal(signal.SIGINT, None)
         except KeyboardInterrupt:
             raise ImportError("initialization failed") from None
 
-    monkeypatch.setattr("eora_export.pipeline.compute", interrupted_import)
+    monkeypatch.setattr("eora_export.engine.run", interrupted_import)
     out = tmp_path / "out"
     assert main(["--model", str(tiny_model_dir), "--out", str(out), "--quiet"]) == 130
     assert capsys.readouterr().err.strip().splitlines() == ["eora-export: interrupted; no partial output was written"]
     assert not out.exists()
     # The next run starts clean: an ordinary internal error is reported as one.
-    monkeypatch.setattr("eora_export.pipeline.compute", lambda cfg, progress=True: (_ for _ in ()).throw(ImportError("x")))
+    monkeypatch.setattr("eora_export.engine.run", lambda cfg, progress=True: (_ for _ in ()).throw(ImportError("x")))
     assert main(["--model", str(tiny_model_dir), "--out", str(out), "--quiet"]) == 70
     assert signal.getsignal(signal.SIGINT) is not _on_signal, "main leaves the caller's handlers in place"

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from eora_export.compensate.apply import swapped
+from eora_export.compress import CompressedLinear
 from eora_export.compress.lsi import (
     LsiConfig,
     lsi_compress,
@@ -13,10 +14,9 @@ from eora_export.compress.lsi import (
     lsi_quantize_linear,
     ste_round,
 )
-from eora_export.compress import CompressedLinear
+from eora_export.eora_linear import EoraLinear
 from eora_export.errors import UsageError
 from eora_export.models import target_linears
-from eora_export.modules import EoraLinear
 from eora_export.quant import QuantizedMatrix, quantize
 
 

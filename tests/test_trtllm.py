@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-from test_deploy import GROUP, RANK, cli_args, debris, error_lines, shared_run
+from test_deploy import GROUP, RANK, cli_args, debris, error_lines, shared_run, stand_in
 
 from eora_export.cli import main
 from eora_export.compensate.apply import swapped
@@ -40,7 +40,7 @@ def exported(tiny_model_dir, tmp_path_factory):
     _, result = shared_run(tiny_model_dir)
     out = tmp_path_factory.mktemp("trtllm") / "llm"
     mp = pytest.MonkeyPatch()
-    mp.setattr("eora_export.pipeline.compute", lambda c, progress=True: result)
+    mp.setattr("eora_export.engine.run", stand_in(result))
     mp.setenv("TQDM_DISABLE", "1")
     try:
         code = main(cli_args(tiny_model_dir, out, "--format", "trtllm"))
@@ -197,7 +197,7 @@ def test_unsupported_settings_are_refused(changes, words):
 
 def test_three_bit_run_is_refused_by_the_cli(tiny_model_dir, monkeypatch, capsys, tmp_path):
     _, result = shared_run(tiny_model_dir)
-    monkeypatch.setattr("eora_export.pipeline.compute", lambda c, progress=True: result)
+    monkeypatch.setattr("eora_export.engine.run", stand_in(result))
     code = main(cli_args(tiny_model_dir, tmp_path / "llm", "--format", "trtllm", "--bits", "3"))
     assert code == UsageError.exit_code
     lines = error_lines(capsys.readouterr().err)
@@ -384,7 +384,7 @@ def test_differing_fused_smoothing_is_refused_in_one_line(tiny_model_dir, monkey
         return model
 
     monkeypatch.setattr(trtllm, "_quantize", skewed)
-    monkeypatch.setattr("eora_export.pipeline.compute", lambda c, progress=True: result)
+    monkeypatch.setattr("eora_export.engine.run", stand_in(result))
     code = main(cli_args(tiny_model_dir, tmp_path / "llm", "--format", "trtllm"))
     assert code == BadInput.exit_code
     lines = error_lines(capsys.readouterr().err)

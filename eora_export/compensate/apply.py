@@ -10,10 +10,11 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .. import defaults
 from ..calibration import GramStore
+from ..eora_linear import EoraLinear
 from ..errors import UsageError
 from ..models import set_module
-from ..modules import EoraLinear
 from ..quant import QuantizedMatrix, quantize
 from .eora import eora_factors_from_root, eora_factors_from_whitened, gram_root, svd_factors, weighted_error, whiten, whitened_error
 
@@ -22,10 +23,10 @@ METHODS = ("eora", "svd", "none")
 
 @dataclass(frozen=True)
 class CompensationConfig:
-    method: str = "eora"
-    rank: int = 16
-    lowrank_bits: int = 4
-    lowrank_group_size: int = 0  # 0: the largest of 128, 64, ... 2 dividing both rank and in
+    method: str = defaults.METHOD
+    rank: int = defaults.RANK
+    lowrank_bits: int = defaults.LOWRANK_BITS
+    lowrank_group_size: int = defaults.LOWRANK_GROUP_SIZE  # 0: the largest of 128, 64, ... 2 dividing both rank and in
     fast: bool = False  # Cholesky + randomized SVD instead of eigh + full SVD
 
 

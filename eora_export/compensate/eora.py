@@ -13,7 +13,7 @@ closed form as QERA-exact and SVD-LLM whitening). Two roots are offered:
 
 Everything runs in float64 and returns float64, except the fast path's whitening product
 ΔW R and its SVD (:func:`whiten`, :func:`eora_factors_from_whitened`): those run in float32,
-the root itself and the unwhitening solve stay float64 (DESIGN §2).
+the root itself and the unwhitening solve stay float64 (docs/design.md §2).
 """
 
 from __future__ import annotations

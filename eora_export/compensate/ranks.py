@@ -181,7 +181,7 @@ def budget_compensate(
     alternative; raw errors are the default). max_rank: top of the ladders (default 4 ×
     cfg.rank). Returns (LayerResult per layer, ranks).
     """
-    from ..modules import EoraLinear
+    from ..eora_linear import EoraLinear
     from .apply import LayerResult
 
     biases = biases or {}

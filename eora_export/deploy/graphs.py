@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..atomic import atomic_dir, atomic_file, default_mode
-from ..compensate.apply import compensate_layers, swapped
 from ..errors import MissingDependency, MissingInput, UsageError
 from .verify import plugin_path
 
@@ -57,8 +56,9 @@ def write_onnx(result, out: Path, kv_cache: bool = False) -> OnnxSet:
     return paths
 
 
-def verify_onnx(result, cfg, paths: OnnxSet, held, verify_dir: Path, methods: tuple[str, ...] = ("none", "svd", "eora")):
-    """Polygraphy comparison of the baseline against each method's pattern graph on held-out windows.
+def verify_onnx(result, cfg, paths: OnnxSet, held, verify_dir: Path):
+    """Polygraphy comparison of the baseline against the pattern graph of every method the run
+    evaluated (``result.by_method``: none, the compared ones, the final one) on held-out windows.
 
     Methods other than the run's own are exported to temporary graphs for the comparison.
     """
@@ -68,14 +68,12 @@ def verify_onnx(result, cfg, paths: OnnxSet, held, verify_dir: Path, methods: tu
     windows = held.numpy()
     with atomic_dir(verify_dir) as tmp:
         graphs = {}
-        for method in methods:
+        for method in result.by_method:
             if method == cfg.method:
                 graphs[method] = paths.fused
                 continue
-            if method == "none" or cfg.method != "none":
-                layers = compensate_layers(result.compressed, result.grams, cfg.compensation(method), result.biases, False)
-                with swapped(result.model, {n: r.module for n, r in layers.items()}):
-                    graphs[method] = export_onnx(result.model, tmp / f"{method}.onnx", fused=True)
+            with result.export_model(method) as model:
+                graphs[method] = export_onnx(model, tmp / f"{method}.onnx", fused=True)
         report = compare_models(paths.baseline, graphs, windows, tmp)
         for method in graphs:
             if method != cfg.method:

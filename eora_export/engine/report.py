@@ -67,7 +67,8 @@ def summary_table(report: dict) -> str:
 
 
 def build_report(cfg, path: Path, blocks: list[dict], *, calib_shape: tuple[int, int], eval_rows: int,
-                 accuracy: dict, sweep: dict, sweep_reference: dict, clamped: dict, timings: dict, engine: dict) -> dict:
+                 accuracy: dict, sweep: dict, sweep_reference: dict, clamped: dict, timings: dict, engine: dict,
+                 validation: dict) -> dict:
     """The report.json of a run (and the table it prints)."""
     calib_n, seq = calib_shape
     report = {
@@ -86,6 +87,9 @@ def build_report(cfg, path: Path, blocks: list[dict], *, calib_shape: tuple[int,
         "sweep_reference": sweep_reference,
         "sizes": sizes(blocks, cfg.method),
         "rank_clamped": clamped,
+        # KL(fp16 ‖ model) on the validation split (calibration text never fitted on): the
+        # never-worse check of the final method against the uncompensated model.
+        "validation": validation,
         "layers": layer_rows(blocks),
         "timings": timings,
         "engine": engine,

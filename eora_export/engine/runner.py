@@ -206,7 +206,11 @@ def run(cfg, progress: bool = True, *, calib_windows: Tensor | None = None, eval
         texts = []
     calib_windows = calib_windows.to(torch.int64)
     eval_ids = torch.cat([t.windows for t in texts]) if texts else None
-    val_ids = run_validation_windows(tokenizer, cfg) if cfg.rank_budget is not None else None
+    # The validation split also checks every compensated model against the uncompressed-plus-
+    # uncompensated one (never shipped worse without a warning); it needs the calibration text.
+    val_ids = None
+    if cfg.method != "none" and cfg.val_samples > 0 and (cfg.rank_budget is not None or texts):
+        val_ids = run_validation_windows(tokenizer, cfg, required=cfg.rank_budget is not None)
 
     targets = _targets(src, cfg.only, cfg.skip)
     if not targets:
@@ -278,8 +282,7 @@ def run(cfg, progress: bool = True, *, calib_windows: Tensor | None = None, eval
         embed.clear()
         t = time.perf_counter()
         accuracy, sweep_scores, sweep_reference = _score(src, cfg, streams, texts, eval_ids, labels, sweep, n_sweep, device)
-        if val_ids is not None:
-            _never_worse(src, cfg, streams, val_ids, device)
+        validation = _never_worse(src, cfg, streams, val_ids, device) if val_ids is not None else {}
         eval_s = time.perf_counter() - t
         del streams
         blocks = [manifest["blocks"][str(i)] for i in range(src.num_layers)]
@@ -293,7 +296,7 @@ def run(cfg, progress: bool = True, *, calib_windows: Tensor | None = None, eval
                   "peak_live_loaded_tensors": src.live.peak, "rank_budget_ranks": plan.ranks}
         report = build_report(cfg, path, blocks, calib_shape=tuple(calib_windows.shape), eval_rows=len(texts[0].windows) if texts else 0,
                               accuracy=accuracy, sweep=sweep_scores, sweep_reference=sweep_reference, clamped=clamped,
-                              timings=timings, engine=engine)
+                              timings=timings, engine=engine, validation=validation)
         plot = None
         if any(sweep_scores.values()):
             plot = (sweep_scores, {k: v for k, v in sweep_reference.items() if k != "windows"}, sweep_reference["windows"])
@@ -336,16 +339,20 @@ def _score(src, cfg, streams, texts, eval_ids, labels, sweep, n_sweep, device) -
     return accuracy, out, reference
 
 
-def _never_worse(src, cfg, streams, val_ids, device) -> None:
+def _never_worse(src, cfg, streams, val_ids, device) -> dict:
     """Model-level never-worse rule: one warning when --method's KL(fp16 ‖ model) on the
-    validation split is above the uncompensated model's (layers already got rank 0 where
-    compensation did not lower their own validation error)."""
+    validation split is above the uncompensated model's (with --rank-budget, layers already got
+    rank 0 where compensation did not lower their own validation error). Returns the report's
+    "validation" section."""
     none, final = label("none"), label(cfg.method)
-    kl = head_scores(src, {"fp16": streams["val"], none: streams[f"val@{none}"], final: streams[f"val@{final}"]},
-                     val_ids, cfg.batch_size, device)
-    if kl[final].mean_kl > kl[none].mean_kl:
+    scores = head_scores(src, {"fp16": streams["val"], none: streams[f"val@{none}"], final: streams[f"val@{final}"]},
+                         val_ids, cfg.batch_size, device)
+    kl = {k: scores[k].mean_kl for k in (none, final)}
+    worse = kl[final] > kl[none]
+    if worse:
         log.warning("--method %s is worse than no compensation on the validation split (KL %.5f vs %.5f); "
-                    "compare both in the report before shipping it", cfg.method, kl[final].mean_kl, kl[none].mean_kl)
+                    "compare both in the report before shipping it", cfg.method, kl[final], kl[none])
+    return {"windows": int(val_ids.shape[0]), "kl": kl, "worse_than_uncompensated": worse}
 
 
 def _allocate(src, cfg, plan: Plan, comp, targets: dict, calib_ids, val_ids, embedded, folder: Path, fp: dict,

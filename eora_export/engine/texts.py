@@ -58,10 +58,14 @@ def run_windows(tokenizer, cfg, is_demo: bool) -> tuple[torch.Tensor, list[EvalT
     return calib, evals
 
 
-def run_validation_windows(tokenizer, cfg) -> torch.Tensor:
-    """The validation split of --rank-budget: calibration text after the fitting windows, never fitted on."""
+def run_validation_windows(tokenizer, cfg, required: bool) -> torch.Tensor | None:
+    """The validation split: calibration text after the fitting windows, never fitted on (ranks of
+    --rank-budget, and the model-level never-worse check of every compensated run). None when the
+    text has none left and ``required`` is False."""
     val = validation_windows(tokenizer, calib_sources(cfg), cfg.calib_samples, cfg.val_samples, cfg.seq_len)
     if val.shape[0] == 0:
+        if not required:
+            return None
         raise BadInput(f"the calibration text has no windows left for validation after --calib-samples "
                        f"{cfg.calib_samples}; give more text or lower --calib-samples")
     return val
