@@ -26,7 +26,7 @@ from .errors import UsageError
 METHOD_MODULES = (
     "eora_export.compensate.layerwise",  # none, svd, eora
     "eora_export.compensate.feedback",  # eora-fb
-    "eora_export.compress.lsi",  # lsi, lsi+eora
+    "eora_export.compress.lsi_train",  # lsi, lsi+eora
 )
 
 
@@ -71,6 +71,7 @@ class Method:
     requantizer: str = ""  # name of the re-quantizer (its path's inputs are shared by the methods using it)
     own_stream: bool = False  # fitted on the inputs of its own compressed+compensated upstream
     compare: tuple[str, ...] = ("svd", "eora")  # evaluated beside it unless --no-compare
+    parts: tuple[str, ...] = ()  # always evaluated beside it (what it builds on, e.g. lsi for lsi+eora)
     uses_rank: bool = True  # adds factors (rank > 0)
     allocates: bool = False  # takes per-layer ranks from --rank-budget
     sweeps: bool = False  # part of the KL/perplexity-vs-rank sweep

@@ -58,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--verify compares whole models in memory and is not streamed; drop --verify, then run "
                          "`eora-export compare` on the written graphs")
     result = run_engine(cfg, progress=not args.quiet)
+    if result.report is None:
+        return 0  # a torchrun rank other than the last: the last one reports and writes the outputs
     print(result.report["table"])
     print(f"report, adapter and compressed checkpoint: {cfg.out}/")
     if fmt == "dir":

@@ -30,6 +30,7 @@ from ..evaluate import text_report
 from ..methods import get_method
 from ..models import DEMO_DIR, TARGET_SUFFIXES, load_model, resolve_model
 from ..validate import check_output_location, preflight
+from . import distributed
 from .assemble import DEFAULT_MAX_SHARD_BYTES, write_output_folder
 from .evaluation import head_scores, split_scores
 from .report import build_report
@@ -123,9 +124,10 @@ def _methods(cfg) -> list[str]:
     """Compensated in every block: none (the compressed model), the compared ones, the final one."""
     methods = ["none"]
     if cfg.method != "none":
-        methods += [m for m in get_method(cfg.method).compare if cfg.compare and m not in methods]
-        if cfg.method not in methods:
-            methods.append(cfg.method)
+        spec = get_method(cfg.method)
+        for m in (*(spec.compare if cfg.compare else ()), *spec.parts, cfg.method):
+            if m not in methods:
+                methods.append(m)
     return methods
 
 
@@ -180,7 +182,8 @@ def run(cfg, progress: bool = True, *, calib_windows: Tensor | None = None, eval
     check_output_location(out)
     t_start = time.perf_counter()
     path = resolve_model(cfg.model)
-    streamed = is_streamed(cfg, path)
+    ranks = distributed.from_env()  # a torchrun launch: this process's share of the blocks
+    streamed = ranks is not None or is_streamed(cfg, path)
     # A streamed model's values are checked block by block as they load (compress checks for
     # NaN/Inf): scanning 27 GB up front would double the reading.
     preflight(cfg, path, scan_values=not streamed, texts=calib_windows is None)
@@ -240,7 +243,7 @@ def run(cfg, progress: bool = True, *, calib_windows: Tensor | None = None, eval
     walked_sweep = {m: [r for r in rs if r != cfg.rank] for m, rs in sweep.items()}
     plan = Plan(methods, walked_sweep, comp, device, act_dtype, keep_modules=not streamed)
     settings = {"fast": fast, "act_dtype": str(act_dtype), "evaluate": bool(texts), "methods": methods,
-                "sweep": sweep, "sparsegpt_backend": plan.sparsegpt_backend}
+                "sweep": sweep, "sparsegpt_backend": plan.sparsegpt_backend, "ranks": ranks.world if ranks else 1}
     fp = fingerprint(path, cfg, settings, {"calib": calib_windows, "eval": eval_ids, "val": val_ids})
     if streamed:
         folder = Path(cfg.work_dir) if cfg.work_dir is not None else out.with_name(out.name + ".stream-work")
@@ -257,12 +260,8 @@ def run(cfg, progress: bool = True, *, calib_windows: Tensor | None = None, eval
             return embed[name]
 
         if cfg.rank_budget is not None:
-            plan.ranks = _allocate(src, cfg, plan, comp, targets, calib_windows, val_ids, embedded, folder, fp, streamed, progress)
-        work = WorkFolder(folder)
-        manifest = work.start(fp, src.num_layers, cfg.resume and streamed)
-        if cfg.resume and streamed and manifest["next_block"] == 0:
-            log.warning("--resume: no finished block in %s; starting from the first block", folder)
-        resumed_from = manifest["next_block"] or None
+            plan.ranks = _allocate(src, cfg, plan, comp, targets, calib_windows, val_ids, embedded, folder, fp, streamed,
+                                   progress, ranks)
 
         def first_streams() -> dict[str, Tensor]:
             s = {"calib": embedded("calib", calib_windows)}
@@ -278,14 +277,31 @@ def run(cfg, progress: bool = True, *, calib_windows: Tensor | None = None, eval
             return s
 
         embed_s = time.perf_counter() - t
-        streams = walk(src, cfg, plan, first_streams, work, manifest, streamed, progress, on_block_done)
+        if ranks is None:
+            work = WorkFolder(folder)
+            manifest = work.start(fp, src.num_layers, cfg.resume and streamed)
+            if cfg.resume and streamed and manifest["next_block"] == 0:
+                log.warning("--resume: no finished block in %s; starting from the first block", folder)
+            resumed_from = manifest["next_block"] or None
+            streams = walk(src, cfg, plan, first_streams, work, manifest, streamed, progress, on_block_done)
+            blocks = [manifest["blocks"][str(i)] for i in range(src.num_layers)]
+            shares = None
+        else:
+            streams, manifest = distributed.walk_ranks(ranks, src, cfg, plan, first_streams, folder, fp, progress,
+                                                       on_block_done, desc=f"rank {ranks.rank} blocks")
+            shares = distributed.all_gather(manifest["comm"])  # every rank's walk is over
+            if not ranks.last:
+                distributed.barrier()  # the last rank scores, reports and assembles the output
+                held = texts[0].windows if texts else torch.empty(0, calib_windows.shape[1], dtype=torch.int64)
+                return RunResult(None, out, path, tokenizer, held)
+            blocks = distributed.merged_blocks(folder, src.num_layers, ranks.world)
+            resumed_from = min((s["resumed_from_block"] for s in shares if s["resumed_from_block"] is not None), default=None)
         embed.clear()
         t = time.perf_counter()
         accuracy, sweep_scores, sweep_reference = _score(src, cfg, streams, texts, eval_ids, labels, sweep, n_sweep, device)
         validation = _never_worse(src, cfg, streams, val_ids, device) if val_ids is not None else {}
         eval_s = time.perf_counter() - t
         del streams
-        blocks = [manifest["blocks"][str(i)] for i in range(src.num_layers)]
         block_times = [b["timings"] for b in blocks]
         keys = ("load_s", "forward_s", "gram_s", "compress_s", "requantize_s", "compensate_s", "eval_s", "write_s")
         timings = {"embed_s": embed_s, **{k: sum(bt.get(k, 0.0) for bt in block_times) for k in keys},
@@ -293,7 +309,9 @@ def run(cfg, progress: bool = True, *, calib_windows: Tensor | None = None, eval
         engine = {"streamed": streamed, "inputs": cfg.stream_inputs, "act_dtype": str(act_dtype).removeprefix("torch."),
                   "device": str(device), "fast": fast, "methods": methods, "sparsegpt_backend": plan.sparsegpt_backend,
                   "blocks": len(blocks), "resumed_from_block": resumed_from, "block_timings": block_times,
-                  "peak_live_loaded_tensors": src.live.peak, "rank_budget_ranks": plan.ranks}
+                  "peak_live_loaded_tensors": src.live.peak, "rank_budget_ranks": plan.ranks,
+                  "processes": shares and {"schedule": "parallel" if distributed.parallel_schedule(plan, cfg) else "sequential",
+                                           "ranks": shares}}
         report = build_report(cfg, path, blocks, calib_shape=tuple(calib_windows.shape), eval_rows=len(texts[0].windows) if texts else 0,
                               accuracy=accuracy, sweep=sweep_scores, sweep_reference=sweep_reference, clamped=clamped,
                               timings=timings, engine=engine, validation=validation)
@@ -311,8 +329,12 @@ def run(cfg, progress: bool = True, *, calib_windows: Tensor | None = None, eval
     if streamed and not keep_work:
         WorkFolder(folder).clear()
         WorkFolder(folder, "alloc-").clear()
+        if ranks is not None:
+            distributed.clear(folder, ranks.world)
         with contextlib.suppress(OSError):
             folder.rmdir()
+    if ranks is not None:
+        distributed.barrier()  # the other ranks wait for the output folder
     held = texts[0].windows if texts else torch.empty(0, seq, dtype=torch.int64)
     return RunResult(report, out, path, tokenizer, held, None if streamed else src.model, plan.results)
 
@@ -356,7 +378,7 @@ def _never_worse(src, cfg, streams, val_ids, device) -> dict:
 
 
 def _allocate(src, cfg, plan: Plan, comp, targets: dict, calib_ids, val_ids, embedded, folder: Path, fp: dict,
-              streamed: bool, progress: bool) -> dict[str, int]:
+              streamed: bool, progress: bool, ranks=None) -> dict[str, int]:
     """First pass of --rank-budget: every layer's rank ladder on the validation split, then the
     ranks that fit the budget by validation gain per byte (compensate/ranks.py)."""
     kind, value = parse_budget(cfg.rank_budget)
@@ -365,11 +387,19 @@ def _allocate(src, cfg, plan: Plan, comp, targets: dict, calib_ids, val_ids, emb
     # Ladders reach 4x the average rank the budget buys (bytes: measured against rank 8).
     average = value if kind == "rank" else 8 * budget / max(budget_bytes(shapes, comp("eora", None), "rank", 8), 1)
     ladder_plan = replace(plan, methods=[], sweep={}, ladders=True, ladder_max=max(8, int(4 * average)), keep_modules=False)
-    work = WorkFolder(folder, "alloc-")
-    manifest = work.start(fp, src.num_layers, cfg.resume and streamed)
-    walk(src, cfg, ladder_plan, lambda: {"calib": embedded("calib", calib_ids), "val": embedded("val", val_ids)}, work,
-         manifest, streamed, progress, desc="allocate ranks")
-    ladders = {n: [Rung(*r) for r in rungs] for i in range(src.num_layers)
-               for n, rungs in manifest["blocks"][str(i)].get("ladders", {}).items()}
-    return allocate(ladders, budget)
 
+    def first() -> dict[str, Tensor]:
+        return {"calib": embedded("calib", calib_ids), "val": embedded("val", val_ids)}
+
+    if ranks is None:
+        work = WorkFolder(folder, "alloc-")
+        manifest = work.start(fp, src.num_layers, cfg.resume and streamed)
+        walk(src, cfg, ladder_plan, first, work, manifest, streamed, progress, desc="allocate ranks")
+        parts = [manifest["blocks"]]
+    else:
+        _, manifest = distributed.walk_ranks(ranks, src, cfg, ladder_plan, first, folder, fp, progress, tag="alloc-",
+                                             desc=f"rank {ranks.rank} allocate ranks")
+        parts = distributed.all_gather(manifest["blocks"])  # every rank allocates from all ladders alike
+    ladders = {n: [Rung(*r) for r in rungs] for blocks in parts for entry in blocks.values()
+               for n, rungs in entry.get("ladders", {}).items()}
+    return allocate(ladders, budget)

@@ -75,14 +75,15 @@ class WorkFolder:
         self.manifest_path = self.folder / f"{tag}{MANIFEST}"
 
     def files(self) -> list[Path]:
-        pats = (f"{self.tag}block_*.safetensors", f"{self.tag}state_*.safetensors", self.manifest_path.name, ".*.tmp*")
+        pats = (f"{self.tag}block_*.safetensors", f"{self.tag}sets_*.safetensors", f"{self.tag}state_*.safetensors",
+                self.manifest_path.name, ".*.tmp*")
         return [p for pat in pats for p in self.folder.glob(pat)]
 
     def clear(self) -> None:
         for p in self.files():
             p.unlink(missing_ok=True)
 
-    def start(self, fp: dict, num_layers: int, resume: bool) -> dict:
+    def start(self, fp: dict, num_layers: int, resume: bool, first_block: int = 0) -> dict:
         """The manifest to continue from: the saved one on --resume (same fingerprint), else a new one."""
         self.folder.mkdir(parents=True, exist_ok=True)
         if resume and self.manifest_path.is_file():
@@ -95,8 +96,8 @@ class WorkFolder:
                                  "rerun with the same flags, or drop --resume to start over")
             return manifest
         self.clear()
-        return {"version": MANIFEST_VERSION, "fingerprint": fp, "num_layers": num_layers, "next_block": 0,
-                "state_file": None, "blocks": {}}
+        return {"version": MANIFEST_VERSION, "fingerprint": fp, "num_layers": num_layers, "next_block": first_block,
+                "first_block": first_block, "state_file": None, "blocks": {}}
 
     def save_state(self, name: str, streams: dict[str, Tensor]) -> None:
         with atomic_file(self.folder / name) as tmp:
@@ -209,3 +210,55 @@ def block_param(path: Path, key: str) -> Tensor:
     """A non-Linear parameter (float16) of a finished block file."""
     with safe_open(str(path), framework="pt") as f:
         return f.get_tensor(f"param.{key}")
+
+
+def _module_tensors(prefix: str, mod: EoraLinear) -> tuple[dict[str, Tensor], dict]:
+    tensors = _qm_tensors(f"{prefix}.w", mod.weight_q)
+    meta = {"weight": _qm_meta(mod.weight_q), "rank": mod.rank, "sparse24": mod.sparse24, "has_bias": mod.bias is not None}
+    if mod.rank:
+        meta["a"], meta["b"] = _qm_meta(mod.a_q), _qm_meta(mod.b_q)
+        tensors.update(_qm_tensors(f"{prefix}.a", mod.a_q))
+        tensors.update(_qm_tensors(f"{prefix}.b", mod.b_q))
+    if mod.bias is not None:
+        tensors[f"{prefix}.bias"] = mod.bias.detach().to("cpu").contiguous()
+    return tensors, meta
+
+
+def write_sets_file(path: Path, index: int, host: nn.Module, sets: dict[str, dict[str, EoraLinear]],
+                    linears: dict[str, nn.Module]) -> dict:
+    """Every module set of one block (tag -> name -> EoraLinear) and the block's non-target
+    parameters after compression, exactly (AWQ folds scales into them): what pushing the
+    held-out paths through the block later needs. Returns the sets' metadata."""
+    tensors: dict[str, Tensor] = {}
+    meta: dict[str, dict] = {}
+    for tag, mods in sets.items():
+        meta[tag] = {}
+        for name, mod in mods.items():
+            t, m = _module_tensors(f"{tag}|{name}", mod)
+            tensors.update(t)
+            meta[tag][name] = m
+    for key, value in host.state_dict().items():
+        if key.rsplit(".", 1)[0] not in linears:
+            tensors[f"param|{key}"] = value.detach().to("cpu").contiguous()
+    # Sets share tensors (every method keeps the compressor's weight codes): one copy each.
+    tensors = {k: v.clone() for k, v in tensors.items()}
+    with atomic_file(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "eora-sets", "block": str(index)})
+    return meta
+
+
+def load_sets_file(path: Path, meta: dict) -> tuple[dict[str, dict[str, EoraLinear]], dict[str, Tensor]]:
+    """(module sets, non-target parameters) written by :func:`write_sets_file`."""
+    sets: dict[str, dict[str, EoraLinear]] = {}
+    with safe_open(str(path), framework="pt") as f:
+        for tag, layers in meta.items():
+            sets[tag] = {}
+            for name, e in layers.items():
+                p = f"{tag}|{name}"
+                w = _qm_load(f, f"{p}.w", e["weight"])
+                a = _qm_load(f, f"{p}.a", e["a"]) if e["rank"] else None
+                b = _qm_load(f, f"{p}.b", e["b"]) if e["rank"] else None
+                bias = f.get_tensor(f"{p}.bias") if e["has_bias"] else None
+                sets[tag][name] = EoraLinear(w, a, b, bias=bias, sparse24=e["sparse24"])
+        params = {k.removeprefix("param|"): f.get_tensor(k) for k in f.keys() if k.startswith("param|")}
+    return sets, params

@@ -38,7 +38,7 @@ from ..eora_linear import EoraLinear
 from ..methods import BlockInputs, get_method
 from ..models import set_module
 from .block import BlockHost, block_linears, gram_forward, run_block
-from .state import WorkFolder, write_block_file
+from .state import WorkFolder, load_sets_file, write_block_file, write_sets_file
 
 
 def label(method: str) -> str:
@@ -59,6 +59,7 @@ class Plan:
     ladders: bool = False  # first pass of --rank-budget
     ladder_max: int = 0
     keep_modules: bool = False  # in memory: keep every method's modules (graphs, --verify)
+    save_sets: bool = False  # write every module set per block, to propagate the paths later (distributed)
     sparsegpt_backend: str = "auto"
     results: dict[str, dict] = field(default_factory=dict)  # method -> name -> LayerResult, when keep_modules
 
@@ -73,22 +74,26 @@ def _sync(device: torch.device) -> Callable[[], None]:
     return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
 
-def _modules_of(key: str, cfg, results: dict, sweep: dict, requantized: dict, biases: dict) -> dict | None:
-    """The modules path ``key`` runs the block with (None: the FP block)."""
+FP_PATHS = ("val", "eval@fp16", "val@fp16")  # and every sweep@fp16...: paths through the FP block
+
+
+def is_fp_path(key: str) -> bool:
+    return key in FP_PATHS or key.startswith("sweep@fp16")
+
+
+def modules_of(key: str, cfg, sets: dict[str, dict]) -> dict | None:
+    """The modules path ``key`` runs the block with (None: the FP block). ``sets``: tag ->
+    name -> EoraLinear, tags being method names, "sweep:METHOD:RANK" and "req:REQUANTIZER"."""
     name = key.split("@", 1)[1] if "@" in key else ""
     if key == "calib":
-        return None if cfg.stream_inputs == "fp" else results[cfg.method]
-    if key.startswith("calib@req:"):
-        req = requantized[name.removeprefix("req:")]
-        return {n: EoraLinear(c.weight, bias=biases.get(n), sparse24=c.sparse24) for n, c in req.items()}
+        return None if cfg.stream_inputs == "fp" else sets[cfg.method]
     if key.startswith("calib@"):
-        return results[name]
+        return sets[name]  # a method's own path, or "req:R"
     if key.startswith("sweep@"):
-        m, r = name.rsplit(":", 1)
-        return sweep[(m, int(r))] if m != "fp16" else None
-    if name in ("fp16", "") or key == "val":
+        return sets[f"sweep:{name}"]
+    if is_fp_path(key):
         return None
-    return results["none" if name == "compressed" else name.removeprefix("compressed+")]
+    return sets["none" if name == "compressed" else name.removeprefix("compressed+")]
 
 
 @torch.no_grad()
@@ -131,7 +136,7 @@ def process_block(src, index: int, streams: dict[str, Tensor], cfg, plan: Plan, 
         entry["shared_grams"] = len(grams.sums)
         # FP paths before compression, which may fold AWQ scales into the block in place.
         val_grams = None
-        fp_keys = [k for k in streams if k == "val" or k in ("eval@fp16", "val@fp16") or k.startswith("sweep@fp16")]
+        fp_keys = [k for k in streams if is_fp_path(k)]
         for key in fp_keys:
             if key == "val" and plan.ladders and linears:
                 val_grams, nxt[key], _ = gram_forward(host, linears, streams[key], bs, True, dt, sync)
@@ -176,23 +181,30 @@ def process_block(src, index: int, streams: dict[str, Tensor], cfg, plan: Plan, 
             spec = get_method(m)
             base = requantized[spec.requantizer] if spec.requantize is not None else compressed
             results[m] = spec.compensate(inputs(m, base), plan.comp(m, None), plan.ranks if spec.allocates else None)
-        sweep = {(m, r): {n: res.module for n, res in get_method(m).compensate(inputs(m, compressed), plan.comp(m, r), None).items()}
-                 for m, ranks in plan.sweep.items() for r in ranks}
+        sets = {m: {n: r.module for n, r in res.items()} for m, res in results.items()}
+        for m, ranks in plan.sweep.items():
+            for r in ranks:
+                swept = get_method(m).compensate(inputs(m, compressed), plan.comp(m, r), None)
+                sets[f"sweep:{m}:{r}"] = {n: res.module for n, res in swept.items()}
+        for name, req in requantized.items():
+            sets[f"req:{name}"] = {n: EoraLinear(c.weight, bias=biases.get(n), sparse24=c.sparse24) for n, c in req.items()}
         lap("compensate_s")
-        modules = {m: {n: r.module for n, r in res.items()} for m, res in results.items()}
         for key, x in streams.items():
             if key in nxt or (key == "calib" and cfg.stream_inputs == "fp"):
                 continue
-            mods = _modules_of(key, cfg, modules, sweep, requantized, biases)
-            with swapped(host, mods or {}):
+            with swapped(host, modules_of(key, cfg, sets) or {}):
                 nxt[key] = run_block(host, x, bs, dt, what)
         if cfg.stream_inputs == "fp":
             nxt["calib"] = fp_out
         lap("eval_s")
 
-    final = modules[cfg.method]
+    final = sets[cfg.method]
     entry["file"] = work.block_file(index)
     storage, entry["base"] = write_block_file(work.folder / entry["file"], index, host, final, linears)
+    if plan.save_sets:
+        # Every module set and the compressed block's own parameters, for propagate_block.
+        entry["sets_file"] = work.block_file(index).replace("block_", "sets_")
+        entry["sets"] = write_sets_file(work.folder / entry["sets_file"], index, host, sets, linears)
     for n, meta in storage.items():
         none = results["none"][n]
         meta["error_before"] = none.error_before
@@ -223,24 +235,45 @@ def _ladders(compressed: dict, grams, val_grams, plan: Plan) -> dict[str, list[l
     return out
 
 
+@torch.no_grad()
+def propagate_block(src, index: int, streams: dict[str, Tensor], cfg, plan: Plan, rotary: nn.Module, work: WorkFolder,
+                    entry: dict) -> dict[str, Tensor]:
+    """Push ``streams`` through a block :func:`process_block` already finished (``entry``, with
+    ``plan.save_sets``): FP paths through the checkpoint's block, the others through the
+    compressed block with their module sets, exactly as process_block would have."""
+    bs, dt, what = cfg.batch_size, plan.act_dtype, f"block {index}"
+    with _on(plan.device):
+        host = BlockHost(src.load_layer(index, plan.device), index, rotary, src.config)
+        nxt = {k: run_block(host, x, bs, dt, what) for k, x in streams.items() if is_fp_path(k)}
+        if entry.get("sets_file") is None:  # nothing compressed in this block
+            nxt.update({k: run_block(host, x, bs, dt, what) for k, x in streams.items() if k not in nxt})
+            return nxt
+        sets, params = load_sets_file(work.folder / entry["sets_file"], entry["sets"])
+        host.load_state_dict(params, strict=False)  # the compressed block's own parameters (AWQ-folded)
+        for key, x in streams.items():
+            if key not in nxt:
+                with swapped(host, modules_of(key, cfg, sets) or {}):
+                    nxt[key] = run_block(host, x, bs, dt, what)
+    return nxt
+
+
 def walk(src, cfg, plan: Plan, first_streams: Callable[[], dict[str, Tensor]], work: WorkFolder, manifest: dict,
          keep_state: bool, progress: bool, on_block_done: Callable[[int, dict], None] | None = None,
-         desc: str = "blocks") -> dict[str, Tensor]:
-    """Walk every block not finished in ``manifest``; return the paths after the last block.
+         desc: str = "blocks", blocks: range | None = None) -> dict[str, Tensor]:
+    """Walk the blocks of ``blocks`` (default: all) not finished in ``manifest``; return the paths
+    after the last one.
 
     keep_state: save the paths after each block (--stream: resumable); otherwise they live in
     memory only and the manifest still records the finished blocks for assembly.
     """
+    blocks = blocks if blocks is not None else range(src.num_layers)
     start = manifest["next_block"]
-    if start == 0:
-        streams = first_streams()
-    else:
-        streams = work.load_state(manifest["state_file"])
+    streams = first_streams() if start == blocks.start else work.load_state(manifest["state_file"])
     with _on(plan.device):
         rotary = src.rotary(plan.device)
-    bar = tqdm(total=src.num_layers, initial=start, desc=desc, unit="block", disable=not progress)
+    bar = tqdm(total=len(blocks), initial=start - blocks.start, desc=desc, unit="block", disable=not progress)
     try:
-        for index in range(start, src.num_layers):
+        for index in range(start, blocks.stop):
             t0 = time.perf_counter()
             streams, entry = process_block(src, index, streams, cfg, plan, rotary, work, progress)
             gc.collect()  # nn.Module graphs can hold reference cycles; free the block now
