@@ -62,11 +62,17 @@ def adapter_config(modules: dict[str, EoraLinear], base_model: str, meta: dict) 
     }
 
 
-def save_peft_adapter(modules: dict[str, EoraLinear], out_dir: Path, base_model: str, meta: dict) -> Path:
-    out_dir.mkdir(parents=True, exist_ok=True)
+def write_adapter_json(out_dir: Path, modules: dict, base_model: str, meta: dict) -> None:
+    """adapter_config.json (PEFT's) and eora_adapter.json (our settings) of an adapter folder;
+    ``modules``: name -> anything with ``.rank``."""
     (out_dir / "adapter_config.json").write_text(json.dumps(adapter_config(modules, base_model, meta), indent=2))
     # Our settings live beside the PEFT config: peft warns about unknown keys inside it.
     (out_dir / "eora_adapter.json").write_text(json.dumps(meta, indent=2))
+
+
+def save_peft_adapter(modules: dict[str, EoraLinear], out_dir: Path, base_model: str, meta: dict) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_adapter_json(out_dir, modules, base_model, meta)
     save_file(peft_state_dict(modules), str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
     return out_dir
 

@@ -7,13 +7,8 @@ import torch
 
 from eora_export.compensate.apply import swapped
 from eora_export.compress import CompressedLinear
-from eora_export.compress.lsi import (
-    LsiConfig,
-    lsi_compress,
-    lsi_export,
-    lsi_quantize_linear,
-    ste_round,
-)
+from eora_export.compress.lsi import LsiConfig, lsi_export, lsi_quantize_linear, ste_round
+from eora_export.compress.lsi_train import lsi_compress
 from eora_export.eora_linear import EoraLinear
 from eora_export.errors import UsageError
 from eora_export.models import target_linears

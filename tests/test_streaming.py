@@ -94,7 +94,7 @@ def _assert_same_files(a: Path, b: Path, rels=("base/model", "base/quantization.
         assert set(ta) == set(tb), (rel, sorted(set(ta) ^ set(tb))[:5])
         for k in ta:
             assert ta[k].dtype == tb[k].dtype and torch.equal(ta[k], tb[k]), (rel, k)
-    for rel in ("base/quantization.json", "adapter/adapter_config.json", "base/config.json"):
+    for rel in ("base/quantization.json", "adapter/adapter_config.json", "adapter/eora_adapter.json", "base/config.json"):
         assert (a / rel).is_file() == (b / rel).is_file(), rel
         if (a / rel).is_file():
             assert json.loads((a / rel).read_text()) == json.loads((b / rel).read_text()), rel

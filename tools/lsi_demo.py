@@ -44,7 +44,8 @@ sys.path.insert(0, str(REPO_ROOT))
 from eora_export.calibration import CalibSource, calibration_windows, collect_grams, read_texts, token_windows  # noqa: E402
 from eora_export.compensate.apply import CompensationConfig, compensate_layers, swapped  # noqa: E402
 from eora_export.compress import CompressConfig, compress_model  # noqa: E402
-from eora_export.compress.lsi import LsiConfig, lsi_compress  # noqa: E402
+from eora_export.compress.lsi import LsiConfig  # noqa: E402
+from eora_export.compress.lsi_train import lsi_compress  # noqa: E402
 from eora_export.evaluate import perplexity  # noqa: E402
 from eora_export.models import DEMO_DIR, load_model, target_linears  # noqa: E402
 

@@ -17,7 +17,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..adapter import adapter_config, peft_state_dict, quantized_specs, quantized_state_dict
+from ..adapter import peft_state_dict, quantized_specs, quantized_state_dict, write_adapter_json
 from ..atomic import atomic_dir
 from ..hf_compat import add_legacy_rope_keys, save_tokenizer
 from ..report import plot_layer_errors, plot_ppl_vs_rank, write_json
@@ -116,7 +116,7 @@ def write_output_folder(src, blocks: list[dict], work: Path, cfg, out: Path, tok
         if adapter_w is not None:
             adapter_w.close()
             ranks = {n: _Ranked(e["rank"]) for n, e in layers.items()}
-            (tmp / "adapter" / "adapter_config.json").write_text(json.dumps(adapter_config(ranks, str(src.path), meta), indent=2))
+            write_adapter_json(tmp / "adapter", ranks, str(src.path), meta)
         write_json(report, tmp / "report.json")
         if report["layers"]:
             plot_layer_errors(report["layers"], tmp / "per_layer_error.png")

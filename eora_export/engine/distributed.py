@@ -75,6 +75,8 @@ def from_env() -> Ranks | None:
 
     if not dist.is_initialized():
         dist.init_process_group("gloo", timeout=WAIT_TIMEOUT)
+    if torch.cuda.is_available():  # --device cuda/auto: one GPU per local rank
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     return Ranks(dist.get_rank(), dist.get_world_size())
 
 

@@ -209,8 +209,8 @@ def run(cfg, progress: bool = True, *, calib_windows: Tensor | None = None, eval
         texts = []
     calib_windows = calib_windows.to(torch.int64)
     eval_ids = torch.cat([t.windows for t in texts]) if texts else None
-    # The validation split also checks every compensated model against the uncompressed-plus-
-    # uncompensated one (never shipped worse without a warning); it needs the calibration text.
+    # The validation split also checks every compensated model against the compressed model
+    # without compensation (never shipped worse without a warning); it needs the calibration text.
     val_ids = None
     if cfg.method != "none" and cfg.val_samples > 0 and (cfg.rank_budget is not None or texts):
         val_ids = run_validation_windows(tokenizer, cfg, required=cfg.rank_budget is not None)
