@@ -93,7 +93,7 @@ class StreamingCheckpoint:
         read_config(self.path)  # one-line errors for unsupported architectures
         self.config = AutoConfig.from_pretrained(self.path, local_files_only=True)
         # from_pretrained picks SDPA on CPU and GPU; a bare config would fall back to eager
-        # attention, which rounds differently from the in-memory pipeline.
+        # attention, which rounds differently from a model transformers loads (LoadedModel).
         self.config._attn_implementation = "sdpa"
         self.model_type: str = self.config.model_type
         if self.model_type not in ("llama", "mistral"):

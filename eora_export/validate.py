@@ -26,11 +26,15 @@ output          --out is a folder we may replace (absent, empty, or an      Usag
                 earlier eora-export output; not the model), its parent is
                 writable, and its disk has room for the outputs
 values          NaN/Inf in any floating tensor of a safetensors checkpoint  BadInput (4)
-                (the tensor is named)
+                (the tensor is named; streamed runs check each block's
+                Linears as it loads instead of reading 27 GB twice)
 ==============  ==========================================================  ==============
 
 Rank larger than a layer is not an error: compensation clamps it per layer and the
 report lists the clamped layers (``rank_clamped``).
+
+Its ~520 lines stay one module on purpose: the checks are one table (above), run in the order a run
+reads its inputs; split over files, that order would no longer be readable in one place.
 """
 
 from __future__ import annotations
