@@ -134,3 +134,39 @@ def test_rank_budget_flag_errors_are_one_line(tmp_path, capsys, flags, message):
     assert main([*flags, "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
+
+
+def test_a_method_worse_than_no_compensation_is_flagged(tiny_model_dir, tmp_path, caplog):
+    """The never-worse rule on the validation split, with a method registered for this test only
+    (a new method is its own code plus one registration): factors that add noise make the model
+    worse than compressed alone, and the run says so in one warning and in the report."""
+    from dataclasses import replace
+
+    from eora_export.compensate.apply import LayerResult
+    from eora_export.compensate.layerwise import layerwise
+    from eora_export.methods import METHODS, Method, register
+
+    svd = layerwise("svd")
+
+    def noisy(inputs, comp, ranks):
+        out = svd(inputs, replace(comp, lowrank_bits=16), ranks)
+        gen = torch.Generator().manual_seed(0)
+        for res in out.values():
+            res.module.b_q.q.add_(torch.randn(res.module.b_q.q.shape, generator=gen).to(res.module.b_q.q.dtype) * 50)
+        return {n: LayerResult(r.module, r.rank, r.error_before, r.error_after) for n, r in out.items()}
+
+    register(Method("noisy-test", "factors plus noise (test only)", noisy))
+    try:
+        cfg = _small_cfg(tiny_model_dir, tmp_path / "out", method="noisy-test", ood_file="none", val_samples=4)
+        with caplog.at_level("WARNING", logger="eora_export"):
+            report = run(cfg, progress=False).report
+    finally:
+        METHODS.pop("noisy-test")
+    val = report["validation"]
+    assert val["windows"] == 4 and val["worse_than_uncompensated"]
+    assert val["kl"]["compressed+noisy-test"] > val["kl"]["compressed"]
+    warnings = [r.getMessage() for r in caplog.records if "worse than no compensation" in r.getMessage()]
+    assert len(warnings) == 1 and "--method noisy-test" in warnings[0]
+    # and a method that helps is not flagged
+    good = run(_small_cfg(tiny_model_dir, tmp_path / "good", ood_file="none", val_samples=4), progress=False).report
+    assert not good["validation"]["worse_than_uncompensated"]
