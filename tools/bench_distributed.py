@@ -80,14 +80,23 @@ def _launch(args: argparse.Namespace, ckpt: Path, out: Path, procs: int, threads
     return rows
 
 
-def _same_outputs(a: Path, b: Path) -> bool:
+def _compare_outputs(a: Path, b: Path) -> dict[str, float]:
+    """Share of differing codes, for the compressed weights and for the factors. Runs with different
+    thread counts round BLAS reductions differently, which moves some factor codes; equal thread
+    counts give identical files (tests/test_distributed.py)."""
     from safetensors.torch import load_file
 
-    for rel in ("base/quantization.safetensors", "adapter/adapter_model.safetensors"):
-        ta, tb = load_file(a / rel), load_file(b / rel)
-        if ta.keys() != tb.keys() or any(not torch.equal(ta[k], tb[k]) for k in ta):
-            return False
-    return True
+    ta, tb = load_file(a / "base/quantization.safetensors"), load_file(b / "base/quantization.safetensors")
+    out = {}
+    for kind, pick in (("weights", lambda k: ".weight_" in k), ("factors", lambda k: ".lora_" in k)):
+        keys = [k for k in ta if pick(k)]
+        total = sum(ta[k].numel() for k in keys)
+        out[kind] = sum(int((ta[k] != tb[k]).sum()) for k in keys) / max(total, 1)
+    # What the codes compute: each layer's activation-weighted error after EoRA.
+    ra, rb = (json.loads((x / "report.json").read_text())["layers"] for x in (a, b))
+    out["layer_error_rel"] = max(abs(x["error_after"]["eora"] - y["error_after"]["eora"]) / max(x["error_after"]["eora"], 1e-30)
+                                 for x, y in zip(ra, rb, strict=True))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {k: getattr(args, k) for k in ("layers", "procs", "calib_samples", "seq_len", "rank", "batch_size")},
         f"1x{args.procs}": one,
         f"{args.procs}x1": many,
-        "identical_outputs": _same_outputs(work / "one", work / "many"),
+        "differing_codes": _compare_outputs(work / "one", work / "many"),
     }
     ranks = many[-1]["engine"]["processes"]["ranks"]
     sent = {r["rank"]: r["bytes_sent"] for r in ranks}
@@ -138,7 +147,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{str(args.procs) + ' x 1':<10} {many[0]['launch_wall_s']:>8.0f} {rss:>24}",
         f"speed-up {one[0]['launch_wall_s'] / many[0]['launch_wall_s']:.2f}x; bytes sent to the next rank: "
         + ", ".join(f"rank {r}: {b / 2**20:.0f} MiB" for r, b in sent.items())
-        + f" (one [n, seq, hidden] float16 tensor: {hidden_bytes / 2**20:.0f} MiB); identical outputs: {result['identical_outputs']}",
+        + f" (one [n, seq, hidden] float16 tensor: {hidden_bytes / 2**20:.0f} MiB)",
+        "codes differing between the runs: weights {:.4%}, factors {:.2%} (thread counts differ); per-layer error "
+        "after EoRA agrees to {:.1e} relative".format(result["differing_codes"]["weights"], result["differing_codes"]["factors"],
+                                                     result["differing_codes"]["layer_error_rel"]),
     ]
     result["table"] = "\n".join(lines)
     print(result["table"])
