@@ -26,6 +26,7 @@ from .errors import UsageError
 METHOD_MODULES = (
     "eora_export.compensate.layerwise",  # none, svd, eora
     "eora_export.compensate.feedback",  # eora-fb
+    "eora_export.compensate.alternating",  # eora-alt
     "eora_export.compress.lsi_train",  # lsi, lsi+eora
 )
 

@@ -93,11 +93,11 @@ def test_lsi_methods_run_through_the_pipeline(tiny_model_dir, tmp_path):
 
 
 def _small_cfg(tiny_model_dir, out, **kw) -> RunConfig:
-    return RunConfig(
-        model=str(tiny_model_dir), out=out, rank=8, calib=[str(tiny_model_dir / "calib.txt")],
-        eval_file=str(tiny_model_dir / "calib.txt"), calib_samples=8, eval_samples=2, seq_len=32, sweep_ranks=[],
-        group_size=64, compare=False, **kw,
-    )
+    return RunConfig(**{
+        "model": str(tiny_model_dir), "out": out, "rank": 8, "calib": [str(tiny_model_dir / "calib.txt")],
+        "eval_file": str(tiny_model_dir / "calib.txt"), "calib_samples": 8, "eval_samples": 2, "seq_len": 32,
+        "sweep_ranks": [], "group_size": 64, "compare": False, **kw,
+    })
 
 
 def test_error_feedback_method_runs_through_the_pipeline(tiny_model_dir, tmp_path):
@@ -170,3 +170,19 @@ def test_a_method_worse_than_no_compensation_is_flagged(tiny_model_dir, tmp_path
     # and a method that helps is not flagged
     good = run(_small_cfg(tiny_model_dir, tmp_path / "good", ood_file="none", val_samples=4), progress=False).report
     assert not good["validation"]["worse_than_uncompensated"]
+
+
+@pytest.mark.parametrize("sparsity", ["magnitude", "sparsegpt"])
+def test_alternating_eora_is_never_behind_eora_and_keeps_2_4(tiny_model_dir, tmp_path, sparsity):
+    """--method eora-alt: per layer the best of plain EoRA and the rounds that re-compress W − BA,
+    so its fitted error is never above EoRA's; the re-compressed weights stay 2:4 and differ."""
+    from eora_export.compress.sparse24 import is_24
+
+    cfg = _small_cfg(tiny_model_dir, tmp_path / "out", method="eora-alt", sparsity=sparsity, compare=True, ood_file="none")
+    result = run(cfg, progress=False)
+    rows = result.report["layers"]
+    assert all(r["error_after"]["eora-alt"] <= r["error_after"]["eora"] * (1 + 1e-9) for r in rows)
+    assert sum(r["error_after"]["eora-alt"] < 0.99 * r["error_after"]["eora"] for r in rows) >= len(rows) // 2
+    alt, plain = result.by_method["eora-alt"], result.by_method["none"]
+    assert all(is_24(r.module.weight_q.q) for r in alt.values())
+    assert any(not torch.equal(r.module.weight_q.q, plain[n].module.weight_q.q) for n, r in alt.items())

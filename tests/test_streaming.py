@@ -129,6 +129,7 @@ METHOD_FLAGS = {
     "eora": {}, "svd": {}, "none": {}, "eora-fb": {},
     "lsi": {"bits": 3, "lsi_epochs": 1}, "lsi+eora": {"bits": 3, "lsi_epochs": 1},
     "eora budget": {"rank_budget": "8", "val_samples": 4},
+    "eora-alt": {"sparsity": "magnitude"},
 }
 
 
