@@ -38,7 +38,7 @@ def requantize(target: torch.Tensor, gram: torch.Tensor, sparse: bool, run, name
     mask = None
     if sparse:
         # The 2:4 mask is chosen again for W − B A: keeping the compressor's first mask and only
-        # refitting the kept weights recovered 3 points less on the demo (README, Recovery methods).
+        # refitting the kept weights recovered ~2.6 points less on the demo (README, Recovery methods).
         target, mask = sparsegpt_24(target, gram, name=name) if run.sparsity == "sparsegpt" else magnitude_24(target)
     if run.quant == NO_QUANT:
         qm = quantize(target, 16, 0)
