@@ -229,8 +229,9 @@ def _norm(src: BlockSource, device: torch.device | str) -> nn.Module:
 class LoadedModel:
     """A transformers model already in memory as a :class:`BlockSource` (``model``: a
     Llama/Mistral causal LM, float32). ``load_layer`` hands out a deep copy of a decoder
-    layer, so compressing it (AWQ folds scales into it) leaves ``model`` the FP model; the
-    engine puts finished blocks back with :meth:`replace_layer`."""
+    layer, so compressing it (AWQ folds scales into it) leaves the model's own layer intact
+    until the engine puts the finished block back with :meth:`replace_layer`; at the end of a
+    run ``model`` is the compressed model with the final modules in place."""
 
     def __init__(self, model: nn.Module, path: Path) -> None:
         self.model = model
@@ -240,7 +241,11 @@ class LoadedModel:
         if self.model_type not in ("llama", "mistral"):
             raise BadInput(f"eora-export supports Llama and Mistral models, not model_type '{self.model_type}'")
         self.live = _LiveTensors()
-        self._state = dict(model.state_dict(keep_vars=False))
+        state = model.state_dict(keep_vars=False)
+        self._shapes = {k: list(v.shape) for k, v in state.items()}
+        # Decoder layers are handed out as modules (load_layer); only the rest is read by name, and
+        # holding no reference to the FP layers lets them go once the compressed ones replace them.
+        self._state = {k: v for k, v in state.items() if not k.startswith("model.layers.")}
 
     @property
     def num_layers(self) -> int:
@@ -251,12 +256,14 @@ class LoadedModel:
         return bool(getattr(self.config, "tie_word_embeddings", False))
 
     def tensor_names(self) -> list[str]:
-        return list(self._state)
+        return list(self._shapes)
 
     def shape(self, name: str) -> list[int]:
-        if name not in self._state:
+        if name == "lm_head.weight" and name not in self._shapes and self.tied:
+            name = "model.embed_tokens.weight"
+        if name not in self._shapes:
             raise BadInput(f"tensor {name} is missing from the model in {self.path}; re-download the model")
-        return list(self._state[name].shape)
+        return self._shapes[name]
 
     def read(self, names: Iterable[str], dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
              track: bool = True) -> dict[str, Tensor]:
