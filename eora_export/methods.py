@@ -41,7 +41,8 @@ class BlockInputs:
     grams: ``calibration.GramStore`` of the block's calibration inputs.
     calib: the block's calibration inputs ``[n, seq, h]``; fp_out: the FP block's outputs on them.
     own_inputs: the inputs this method's own path produces (``Method.own_stream``), else None.
-    run: the run's ``config.RunConfig``; block: the block's index.
+    run: the run's ``config.RunConfig``; block: the block's index. cache: shared by every method
+    of this block (e.g. the Gram roots, ``cache["roots"]``), dropped with the block.
     """
 
     host: nn.Module
@@ -55,6 +56,7 @@ class BlockInputs:
     block: int
     own_inputs: Tensor | None = None
     progress: bool = False
+    cache: dict = field(default_factory=dict)
 
 
 # compensate(inputs, comp: compensate.apply.CompensationConfig, ranks: name -> rank or None) -> name -> LayerResult
@@ -76,6 +78,7 @@ class Method:
     uses_rank: bool = True  # adds factors (rank > 0)
     allocates: bool = False  # takes per-layer ranks from --rank-budget
     sweeps: bool = False  # part of the KL/perplexity-vs-rank sweep
+    plain_error: bool = False  # its error_before is tr(ΔW G ΔWᵀ) of the compressor's W_c (the report's "before")
     check: Callable[[object], None] = field(default=lambda cfg: None)  # rules on the RunConfig
 
 

@@ -54,7 +54,8 @@ def alternate(inputs: BlockInputs, comp: CompensationConfig, ranks: dict[str, in
     """EoRA, then ``rounds`` of (re-compress W − B A, re-fit B A); per layer the best round."""
     comp = replace(comp, method="eora")
     compressed: dict[str, CompressedLinear] = dict(inputs.compressed)
-    best = compensate_layers(compressed, inputs.grams, comp, inputs.biases, False)
+    roots = inputs.cache.setdefault("roots", {})
+    best = compensate_layers(compressed, inputs.grams, comp, inputs.biases, False, roots)
     before = {n: r.error_before for n, r in best.items()}
     current = best
     for _ in range(rounds):
@@ -63,10 +64,10 @@ def alternate(inputs: BlockInputs, comp: CompensationConfig, ranks: dict[str, in
             target = cl.reference.float() - current[n].module.residual_weight().float()
             nxt[n] = replace(cl, weight=requantize(target, inputs.grams.gram(n), cl.sparse24, inputs.run, n))
         compressed = nxt
-        current = compensate_layers(compressed, inputs.grams, comp, inputs.biases, False)
+        current = compensate_layers(compressed, inputs.grams, comp, inputs.biases, False, roots)
         best = {n: current[n] if current[n].error_after < best[n].error_after else best[n] for n in best}
     return {n: LayerResult(r.module, r.rank, before[n], r.error_after) for n, r in best.items()}
 
 
 register(Method("eora-alt", "EoRA alternating with the compressor: W_c re-fitted to W − BA, then BA to W − W_c, "
-                "best round per layer", alternate))
+                "best round per layer", alternate, plain_error=True))

@@ -78,16 +78,18 @@ def compensate_layers(
     cfg: CompensationConfig,
     biases: dict[str, Tensor | None] | None = None,
     progress: bool = True,
+    roots: dict | None = None,
 ) -> dict[str, LayerResult]:
     """EoraLinear per compressed Linear. ``compressed[name]`` has ``weight`` (QuantizedMatrix
     [out, in]), ``reference`` (float [out, in]) and ``sparse24``. Gram roots are computed
-    once per shared input."""
+    once per shared input; ``roots`` (a dict kept by the caller) shares them across calls on
+    the same Grams and the same ``cfg.fast`` (methods and ranks of one block)."""
     if cfg.method not in METHODS:
         raise UsageError(f"unknown method '{cfg.method}'; use one of {', '.join(METHODS)}")
     if cfg.method != "none" and cfg.rank <= 0:
         raise UsageError(f"--rank must be positive for --method {cfg.method}, got {cfg.rank}")
     biases = biases or {}
-    roots: dict[str, tuple] = {}
+    roots = {} if roots is None else roots
     results = {}
     for name, cl in tqdm(compressed.items(), desc=f"compensate ({cfg.method})", unit="layer", disable=not progress, leave=False):
         w_c = cl.weight.dequantize().double()
@@ -96,7 +98,7 @@ def compensate_layers(
         out_f, in_f = delta.shape
         root = root32 = m = None
         if cfg.fast or cfg.method == "eora":
-            key = grams.owner[name]
+            key = (grams.owner[name], cfg.fast)
             if key not in roots:
                 r = gram_root(gram, fast=cfg.fast)
                 roots[key] = (r, r.to(torch.float32) if cfg.fast else None)

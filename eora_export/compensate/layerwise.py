@@ -17,21 +17,22 @@ def layerwise(kind: str):
 
     def compensate(inputs: BlockInputs, comp: CompensationConfig, ranks: dict[str, int] | None) -> dict[str, LayerResult]:
         cfg = replace(comp, method=kind)
+        roots = inputs.cache.setdefault("roots", {})
         if ranks is None or kind == "none":
-            return compensate_layers(inputs.compressed, inputs.grams, cfg, inputs.biases, inputs.progress)
+            return compensate_layers(inputs.compressed, inputs.grams, cfg, inputs.biases, inputs.progress, roots)
         # Per-layer ranks (--rank-budget): layers grouped by rank, rank 0 left uncompensated.
         out: dict[str, LayerResult] = {}
         for r in sorted(set(ranks.values())):
             part = {n: c for n, c in inputs.compressed.items() if ranks[n] == r}
             step = replace(cfg, method="none") if r == 0 else replace(cfg, rank=r)
-            out.update(compensate_layers(part, inputs.grams, step, inputs.biases, inputs.progress))
+            out.update(compensate_layers(part, inputs.grams, step, inputs.biases, inputs.progress, roots))
         return {n: out[n] for n in inputs.compressed}
 
     return compensate
 
 
 register(Method("eora", "EoRA: the SVD of ΔW projected into the eigenspace of the calibration inputs (default)",
-                layerwise("eora"), allocates=True, sweeps=True))
-register(Method("svd", "plain SVD of ΔW, the baseline EoRA must beat", layerwise("svd"), sweeps=True))
+                layerwise("eora"), allocates=True, sweeps=True, plain_error=True))
+register(Method("svd", "plain SVD of ΔW, the baseline EoRA must beat", layerwise("svd"), sweeps=True, plain_error=True))
 register(Method("none", "no compensation: the compressed weights alone", layerwise("none"), compare=(),
-                uses_rank=False))
+                uses_rank=False, plain_error=True))

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..calibration import GramStore
-from ..compensate.apply import CompensationConfig, swapped
+from ..compensate.apply import CompensationConfig, LayerResult, swapped
 from ..compensate.ranks import eora_ladder, ladder_ranks
 from ..compress import compress_model
 from ..eora_linear import EoraLinear
@@ -164,9 +164,11 @@ def process_block(src, index: int, streams: dict[str, Tensor], cfg, plan: Plan, 
             nxt["calib"] = fp_out
             return nxt, entry
 
+        cache: dict = {}  # shared by every method of this block (Gram roots)
+
         def inputs(m: str, base: dict) -> BlockInputs:
             return BlockInputs(host, linears, base, grams, streams["calib"], fp_out, biases, cfg, index,
-                               streams.get(f"calib@{m}"), progress)
+                               streams.get(f"calib@{m}"), progress, cache)
 
         requantized: dict[str, dict] = {}
         for m in plan.methods:
@@ -177,10 +179,17 @@ def process_block(src, index: int, streams: dict[str, Tensor], cfg, plan: Plan, 
                 requantized[spec.requantizer] = spec.requantize(own)
         lap("requantize_s")
         results: dict[str, dict] = {}
-        for m in plan.methods:
+        for m in sorted(plan.methods, key=lambda m: m == "none"):  # "none" last: it can borrow an error
             spec = get_method(m)
             base = requantized[spec.requantizer] if spec.requantize is not None else compressed
+            donor = next((r for d, r in results.items() if get_method(d).plain_error and get_method(d).requantize is None), None)
+            if m == "none" and donor is not None:
+                # The compressed model's error is every plain method's error_before: no second pass.
+                results[m] = {n: LayerResult(EoraLinear(c.weight, bias=biases.get(n), sparse24=c.sparse24), 0,
+                                             donor[n].error_before, donor[n].error_before) for n, c in compressed.items()}
+                continue
             results[m] = spec.compensate(inputs(m, base), plan.comp(m, None), plan.ranks if spec.allocates else None)
+        results = {m: results[m] for m in plan.methods}
         sets = {m: {n: r.module for n, r in res.items()} for m, res in results.items()}
         for m, ranks in plan.sweep.items():
             for r in ranks:
