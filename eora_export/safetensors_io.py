@@ -146,8 +146,8 @@ class SafetensorsWriter:
 
 class ShardedWriter:
     """An HF checkpoint in shards of at most ``max_shard_bytes`` (a single
-    ``model.safetensors`` when it fits, as ``save_pretrained`` and the in-memory pipeline
-    write it), plus ``model.safetensors.index.json`` when sharded."""
+    ``model.safetensors`` when it fits, as ``save_pretrained`` writes it), plus
+    ``model.safetensors.index.json`` when sharded."""
 
     def __init__(
         self,

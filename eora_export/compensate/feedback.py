@@ -348,7 +348,8 @@ def feedback_compensate_model(
     damp: float = DEFAULT_DAMP,
     ranks: dict[str, int] | None = None,
 ) -> dict[str, LayerResult]:
-    """Error-feedback EoRA for a whole in-memory model (the pipeline's ``--method eora-fb``).
+    """Error-feedback EoRA for a whole in-memory model (tools/recovery_experiments.py and tests; runs
+    give ``--method eora-fb`` through :func:`feedback_block`, one decoder block at a time).
 
     model: the compressed model *before* any swap, whose target Linears still hold the
     reference weights (``compress_model``'s contract; with AWQ those are the folded weights),

@@ -42,7 +42,7 @@ def write_onnx(result, out: Path, kv_cache: bool = False) -> OnnxSet:
     """Fused + pattern graphs of the run's final modules, and the FP16 baseline graph
     (each written atomically by the exporter; external data above 1.5 GiB).
 
-    ``result``: a pipeline RunResult or a folder.FolderResult (a finished folder, whose
+    ``result``: an engine.RunResult or a folder.FolderResult (a finished folder, whose
     layers are loaded one block at a time while the graph is written).
     """
     from ..onnx.export import export_baseline_onnx, export_onnx
