@@ -17,7 +17,6 @@ import math
 import weakref
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Protocol
 
 import torch
 from safetensors import safe_open
@@ -29,26 +28,75 @@ from .models import read_config
 from .safetensors_io import read_header
 
 
-class BlockSource(Protocol):
-    """What the engine reads of a model (see the module docstring)."""
+class BlockSource:
+    """What the engine reads of a model (see the module docstring). Subclasses give the tensors
+    (``tensor_names``, ``shape``, ``read``) and the layers (``load_layer``); the rest follows
+    from the config and ``read`` and is defined here once."""
 
     path: Path
     config: object
     model_type: str
     live: _LiveTensors
 
+    def _set_config(self, config, supported: str) -> None:
+        """``supported``: the error's subject, e.g. "streaming supports Llama and Mistral checkpoints"."""
+        self.config = config
+        self.model_type = config.model_type
+        if self.model_type not in ("llama", "mistral"):
+            raise BadInput(f"{supported}, not model_type '{self.model_type}'")
+        self.live = _LiveTensors()
+
     @property
-    def num_layers(self) -> int: ...
+    def num_layers(self) -> int:
+        return int(self.config.num_hidden_layers)
+
     @property
-    def tied(self) -> bool: ...
-    def tensor_names(self) -> list[str]: ...
-    def shape(self, name: str) -> list[int]: ...
+    def tied(self) -> bool:
+        return bool(getattr(self.config, "tie_word_embeddings", False))
+
+    def tensor_names(self) -> list[str]:
+        raise NotImplementedError
+
+    def shape(self, name: str) -> list[int]:
+        raise NotImplementedError
+
     def read(self, names: Iterable[str], dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
-             track: bool = True) -> dict[str, Tensor]: ...
-    def load_layer(self, index: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module: ...
-    def rotary(self, device: torch.device | str = "cpu") -> nn.Module: ...
-    def embed(self, ids: Tensor, dtype: torch.dtype) -> Tensor: ...
-    def final_norm(self, device: torch.device | str = "cpu") -> nn.Module: ...
+             track: bool = True) -> dict[str, Tensor]:
+        """Tensors by name, converted to ``dtype`` on ``device``; counted in :attr:`live` when ``track``."""
+        raise NotImplementedError
+
+    def load_layer(self, index: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
+        raise NotImplementedError
+
+    def _check_index(self, index: int) -> None:
+        if not 0 <= index < self.num_layers:
+            raise UsageError(f"block {index} does not exist; the model has {self.num_layers} blocks")
+
+    def rotary(self, device: torch.device | str = "cpu") -> nn.Module:
+        """The rotary embedding module (no weights: inverse frequencies from the config)."""
+        return _layer_classes(self.model_type)[1](self.config).to(device)
+
+    @torch.no_grad()
+    def embed(self, ids: Tensor, dtype: torch.dtype) -> Tensor:
+        """``ids: [n, seq]`` int64 -> ``[n, seq, hidden]`` in ``dtype`` (rows of the table)."""
+        table = self.read(["model.embed_tokens.weight"])["model.embed_tokens.weight"]
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= table.shape[0]):
+            raise BadInput(f"token ids reach {int(ids.max())} but the vocabulary has {table.shape[0]} entries; wrong tokenizer?")
+        return F.embedding(ids, table).float().to(dtype)
+
+    def final_norm(self, device: torch.device | str = "cpu") -> nn.Module:
+        """The final RMSNorm (float32) with the checkpoint's weight."""
+        norm_cls = _layer_classes(self.model_type)[2]
+        norm = norm_cls(self.config.hidden_size, eps=self.config.rms_norm_eps).to(device)
+        norm.weight.data = self.read(["model.norm.weight"], torch.float32, device)["model.norm.weight"]
+        return norm
+
+
+def _cast(t: Tensor, dtype: torch.dtype | None) -> Tensor:
+    # Through float32, so bf16 → fp16 rounds exactly as load-to-fp32-then-cast does.
+    if dtype is None or t.dtype == dtype:
+        return t
+    return t.float().to(dtype) if t.is_floating_point() else t.to(dtype)
 
 
 def _layer_classes(model_type: str) -> tuple[type, type, type]:
@@ -78,7 +126,7 @@ class _LiveTensors:
         return len(self._refs)
 
 
-class StreamingCheckpoint:
+class StreamingCheckpoint(BlockSource):
     """A Llama/Mistral HF checkpoint read lazily through ``safe_open`` (memory-mapped).
 
     Nothing is read at construction but config.json and the safetensors headers. Shard
@@ -91,15 +139,12 @@ class StreamingCheckpoint:
 
         self.path = Path(path)
         read_config(self.path)  # one-line errors for unsupported architectures
-        self.config = AutoConfig.from_pretrained(self.path, local_files_only=True)
+        config = AutoConfig.from_pretrained(self.path, local_files_only=True)
         # from_pretrained picks SDPA on CPU and GPU; a bare config would fall back to eager
         # attention, which rounds differently from a model transformers loads (LoadedModel).
-        self.config._attn_implementation = "sdpa"
-        self.model_type: str = self.config.model_type
-        if self.model_type not in ("llama", "mistral"):
-            raise BadInput(f"streaming supports Llama and Mistral checkpoints, not model_type '{self.model_type}'")
+        config._attn_implementation = "sdpa"
+        self._set_config(config, "streaming supports Llama and Mistral checkpoints")
         self.weight_map = self._weight_map()
-        self.live = _LiveTensors()
         self._headers: dict[str, dict] = {}
 
     def _weight_map(self) -> dict[str, str]:
@@ -123,14 +168,6 @@ class StreamingCheckpoint:
             )
         raise MissingInput(f"no model.safetensors or model.safetensors.index.json in {self.path}; download the full model")
 
-    @property
-    def num_layers(self) -> int:
-        return int(self.config.num_hidden_layers)
-
-    @property
-    def tied(self) -> bool:
-        return bool(getattr(self.config, "tie_word_embeddings", False))
-
     def layer_prefix(self, index: int) -> str:
         return f"model.layers.{index}."
 
@@ -151,7 +188,6 @@ class StreamingCheckpoint:
         device: torch.device | str = "cpu",
         track: bool = True,
     ) -> dict[str, Tensor]:
-        """Tensors by name, converted to ``dtype`` on ``device``; counted in :attr:`live`."""
         names = list(names)
         by_shard: dict[str, list[str]] = {}
         for n in names:
@@ -162,11 +198,7 @@ class StreamingCheckpoint:
         for shard, members in by_shard.items():
             with safe_open(str(self.path / shard), framework="pt") as f:
                 for n in members:
-                    t = f.get_tensor(n)
-                    # Through float32, so bf16 → fp16 rounds exactly as load-to-fp32-then-cast does.
-                    if dtype is not None and t.dtype != dtype:
-                        t = t.float().to(dtype) if t.is_floating_point() else t.to(dtype)
-                    out[n] = t.to(device)
+                    out[n] = _cast(f.get_tensor(n), dtype).to(device)
         if track:
             self.live.add(out.values())
         return {n: out[n] for n in names}
@@ -184,8 +216,7 @@ class StreamingCheckpoint:
         parameter is assigned from the shards. Keys of the checkpoint the layer does not
         have (e.g. old ``rotary_emb.inv_freq`` buffers) are ignored.
         """
-        if not 0 <= index < self.num_layers:
-            raise UsageError(f"block {index} does not exist; the model has {self.num_layers} blocks")
+        self._check_index(index)
         layer_cls = _layer_classes(self.model_type)[0]
         with torch.device("meta"):
             layer = layer_cls(self.config, index)
@@ -201,32 +232,9 @@ class StreamingCheckpoint:
         self.live.add(layer.parameters())  # the Parameters are what the block holds on to
         return layer.eval()
 
-    def rotary(self, device: torch.device | str = "cpu") -> nn.Module:
-        """The rotary embedding module (no weights: inverse frequencies from the config)."""
-        rope_cls = _layer_classes(self.model_type)[1]
-        return rope_cls(self.config).to(device)
-
-    @torch.no_grad()
-    def embed(self, ids: Tensor, dtype: torch.dtype) -> Tensor:
-        """``ids: [n, seq]`` int64 -> ``[n, seq, hidden]`` in ``dtype`` (rows of the table)."""
-        table = self.read(["model.embed_tokens.weight"])["model.embed_tokens.weight"]
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= table.shape[0]):
-            raise BadInput(f"token ids reach {int(ids.max())} but the vocabulary has {table.shape[0]} entries; wrong tokenizer?")
-        return F.embedding(ids, table).float().to(dtype)
-
-    def final_norm(self, device: torch.device | str = "cpu") -> nn.Module:
-        """The final RMSNorm (float32) with the checkpoint's weight."""
-        return _norm(self, device)
 
 
-def _norm(src: BlockSource, device: torch.device | str) -> nn.Module:
-    norm_cls = _layer_classes(src.model_type)[2]
-    norm = norm_cls(src.config.hidden_size, eps=src.config.rms_norm_eps).to(device)
-    norm.weight.data = src.read(["model.norm.weight"], torch.float32, device)["model.norm.weight"]
-    return norm
-
-
-class LoadedModel:
+class LoadedModel(BlockSource):
     """A transformers model already in memory as a :class:`BlockSource` (``model``: a
     Llama/Mistral causal LM, float32). ``load_layer`` hands out a deep copy of a decoder
     layer, so compressing it (AWQ folds scales into it) leaves the model's own layer intact
@@ -236,24 +244,12 @@ class LoadedModel:
     def __init__(self, model: nn.Module, path: Path) -> None:
         self.model = model
         self.path = Path(path)
-        self.config = model.config
-        self.model_type: str = self.config.model_type
-        if self.model_type not in ("llama", "mistral"):
-            raise BadInput(f"eora-export supports Llama and Mistral models, not model_type '{self.model_type}'")
-        self.live = _LiveTensors()
+        self._set_config(model.config, "eora-export supports Llama and Mistral models")
         state = model.state_dict(keep_vars=False)
         self._shapes = {k: list(v.shape) for k, v in state.items()}
         # Decoder layers are handed out as modules (load_layer); only the rest is read by name, and
         # holding no reference to the FP layers lets them go once the compressed ones replace them.
         self._state = {k: v for k, v in state.items() if not k.startswith("model.layers.")}
-
-    @property
-    def num_layers(self) -> int:
-        return int(self.config.num_hidden_layers)
-
-    @property
-    def tied(self) -> bool:
-        return bool(getattr(self.config, "tie_word_embeddings", False))
 
     def tensor_names(self) -> list[str]:
         return list(self._shapes)
@@ -274,15 +270,11 @@ class LoadedModel:
                 t = self._state["model.embed_tokens.weight"]
             if t is None:
                 raise BadInput(f"tensor {n} is missing from the model in {self.path}; re-download the model")
-            t = t.detach()
-            if dtype is not None and t.dtype != dtype:
-                t = t.float().to(dtype) if t.is_floating_point() else t.to(dtype)
-            out[n] = t.to(device)
+            out[n] = _cast(t.detach(), dtype).to(device)
         return out
 
     def load_layer(self, index: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
-        if not 0 <= index < self.num_layers:
-            raise UsageError(f"block {index} does not exist; the model has {self.num_layers} blocks")
+        self._check_index(index)
         layer = copy.deepcopy(self.model.model.layers[index]).to(device=device, dtype=dtype).eval()
         for p in layer.parameters():
             p.requires_grad_(False)
@@ -293,18 +285,6 @@ class LoadedModel:
         """Put a finished (compressed) block back into the model (the in-memory result)."""
         self.model.model.layers[index] = layer
 
-    def rotary(self, device: torch.device | str = "cpu") -> nn.Module:
-        return _layer_classes(self.model_type)[1](self.config).to(device)
-
-    @torch.no_grad()
-    def embed(self, ids: Tensor, dtype: torch.dtype) -> Tensor:
-        table = self._state["model.embed_tokens.weight"]
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= table.shape[0]):
-            raise BadInput(f"token ids reach {int(ids.max())} but the vocabulary has {table.shape[0]} entries; wrong tokenizer?")
-        return F.embedding(ids, table).float().to(dtype)
-
-    def final_norm(self, device: torch.device | str = "cpu") -> nn.Module:
-        return _norm(self, device)
 
 
 def count_parameters(path: Path) -> int:
