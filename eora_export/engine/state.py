@@ -152,6 +152,19 @@ def _qm_load(f, prefix: str, meta: dict) -> QuantizedMatrix:
     return QuantizedMatrix(q, scale, meta["bits"], meta["group_size"])
 
 
+def _module_tensors(prefix: str, mod: EoraLinear) -> tuple[dict[str, Tensor], dict]:
+    """(tensors under ``prefix``, metadata) of one EoraLinear: codes, scales, bias (float16, as the module holds it)."""
+    tensors = _qm_tensors(f"{prefix}.w", mod.weight_q)
+    meta = {"weight": _qm_meta(mod.weight_q), "rank": mod.rank, "sparse24": mod.sparse24, "has_bias": mod.bias is not None}
+    if mod.rank:
+        meta["a"], meta["b"] = _qm_meta(mod.a_q), _qm_meta(mod.b_q)
+        tensors.update(_qm_tensors(f"{prefix}.a", mod.a_q))
+        tensors.update(_qm_tensors(f"{prefix}.b", mod.b_q))
+    if mod.bias is not None:
+        tensors[f"{prefix}.bias"] = mod.bias.detach().to("cpu").contiguous()
+    return tensors, meta
+
+
 def write_block_file(path: Path, index: int, host: nn.Module, modules: dict[str, EoraLinear],
                      linears: dict[str, nn.Module]) -> tuple[dict, list]:
     """Write one finished block; return (per-Linear storage metadata, base-checkpoint tensor list).
@@ -176,17 +189,11 @@ def write_block_file(path: Path, index: int, host: nn.Module, modules: dict[str,
         tensors[f"param.{key}"] = value.detach().to("cpu", torch.float16).contiguous()
         base.append([key, list(value.shape)])
     for name, mod in modules.items():
-        entry = {"weight": _qm_meta(mod.weight_q), "rank": mod.rank, "sparse24": mod.sparse24,
-                 "out_features": mod.out_features, "in_features": mod.in_features, "has_bias": mod.bias is not None}
-        tensors.update(_qm_tensors(f"{name}.w", mod.weight_q))
-        if mod.rank:
-            entry["a"], entry["b"] = _qm_meta(mod.a_q), _qm_meta(mod.b_q)
-            tensors.update(_qm_tensors(f"{name}.a", mod.a_q))
-            tensors.update(_qm_tensors(f"{name}.b", mod.b_q))
+        t, entry = _module_tensors(name, mod)
+        tensors.update(t)
+        meta[name] = {**entry, "out_features": mod.out_features, "in_features": mod.in_features}
         if mod.bias is not None:
-            tensors[f"{name}.bias"] = mod.bias.detach().to("cpu", torch.float16).contiguous()
             base.append([f"{name}.bias", list(mod.bias.shape)])
-        meta[name] = entry
     # Base order = the layer's state_dict order, biases included where they belong.
     order = {k: i for i, k in enumerate(state)}
     base.sort(key=lambda kv: order.get(kv[0], len(order)))
@@ -195,33 +202,20 @@ def write_block_file(path: Path, index: int, host: nn.Module, modules: dict[str,
     return meta, base
 
 
+def _load_module(f, prefix: str, meta: dict) -> EoraLinear:
+    """The EoraLinear :func:`_module_tensors` wrote under ``prefix`` (an open safetensors file)."""
+    w = _qm_load(f, f"{prefix}.w", meta["weight"])
+    a = _qm_load(f, f"{prefix}.a", meta["a"]) if meta["rank"] else None
+    b = _qm_load(f, f"{prefix}.b", meta["b"]) if meta["rank"] else None
+    bias = f.get_tensor(f"{prefix}.bias") if meta["has_bias"] else None
+    return EoraLinear(w, a, b, bias=bias, sparse24=meta["sparse24"])
+
+
 def load_block_modules(path: Path, layers: dict[str, dict]) -> Iterator[tuple[str, EoraLinear]]:
     """(name, EoraLinear) for each compensated Linear of one block file, one at a time."""
     with safe_open(str(path), framework="pt") as f:
         for name, entry in layers.items():
-            w = _qm_load(f, f"{name}.w", entry["weight"])
-            a = _qm_load(f, f"{name}.a", entry["a"]) if entry["rank"] else None
-            b = _qm_load(f, f"{name}.b", entry["b"]) if entry["rank"] else None
-            bias = f.get_tensor(f"{name}.bias") if entry["has_bias"] else None
-            yield name, EoraLinear(w, a, b, bias=bias, sparse24=entry["sparse24"])
-
-
-def block_param(path: Path, key: str) -> Tensor:
-    """A non-Linear parameter (float16) of a finished block file."""
-    with safe_open(str(path), framework="pt") as f:
-        return f.get_tensor(f"param.{key}")
-
-
-def _module_tensors(prefix: str, mod: EoraLinear) -> tuple[dict[str, Tensor], dict]:
-    tensors = _qm_tensors(f"{prefix}.w", mod.weight_q)
-    meta = {"weight": _qm_meta(mod.weight_q), "rank": mod.rank, "sparse24": mod.sparse24, "has_bias": mod.bias is not None}
-    if mod.rank:
-        meta["a"], meta["b"] = _qm_meta(mod.a_q), _qm_meta(mod.b_q)
-        tensors.update(_qm_tensors(f"{prefix}.a", mod.a_q))
-        tensors.update(_qm_tensors(f"{prefix}.b", mod.b_q))
-    if mod.bias is not None:
-        tensors[f"{prefix}.bias"] = mod.bias.detach().to("cpu").contiguous()
-    return tensors, meta
+            yield name, _load_module(f, name, entry)
 
 
 def write_sets_file(path: Path, index: int, host: nn.Module, sets: dict[str, dict[str, EoraLinear]],
@@ -252,13 +246,6 @@ def load_sets_file(path: Path, meta: dict) -> tuple[dict[str, dict[str, EoraLine
     sets: dict[str, dict[str, EoraLinear]] = {}
     with safe_open(str(path), framework="pt") as f:
         for tag, layers in meta.items():
-            sets[tag] = {}
-            for name, e in layers.items():
-                p = f"{tag}|{name}"
-                w = _qm_load(f, f"{p}.w", e["weight"])
-                a = _qm_load(f, f"{p}.a", e["a"]) if e["rank"] else None
-                b = _qm_load(f, f"{p}.b", e["b"]) if e["rank"] else None
-                bias = f.get_tensor(f"{p}.bias") if e["has_bias"] else None
-                sets[tag][name] = EoraLinear(w, a, b, bias=bias, sparse24=e["sparse24"])
+            sets[tag] = {name: _load_module(f, f"{tag}|{name}", e) for name, e in layers.items()}
         params = {k.removeprefix("param|"): f.get_tensor(k) for k in f.keys() if k.startswith("param|")}
     return sets, params
