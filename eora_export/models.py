@@ -106,20 +106,28 @@ def load_model(path: Path, dtype: torch.dtype = torch.float32):
     return model, tokenizer
 
 
+def is_target(name: str) -> bool:
+    """Whether a qualified module name is a decoder projection eora-export compresses."""
+    return name.rsplit(".", 1)[-1] in TARGET_SUFFIXES and ".layers." in f".{name}"
+
+
+def selected(name: str, only: list[str] | None, skip: list[str] | None) -> bool:
+    """--only / --skip on a qualified name: fnmatch patterns (e.g. ``*.mlp.*``)."""
+    from fnmatch import fnmatch
+
+    if only and not any(fnmatch(name, p) for p in only):
+        return False
+    return not (skip and any(fnmatch(name, p) for p in skip))
+
+
 def target_linears(model: nn.Module, only: list[str] | None = None, skip: list[str] | None = None) -> dict[str, nn.Linear]:
     """The decoder Linears to compress, by qualified name, in model order.
 
     only/skip: fnmatch patterns on the qualified name (e.g. ``*.mlp.*``).
     """
-    from fnmatch import fnmatch
-
     found = {}
     for name, mod in model.named_modules():
-        if name.rsplit(".", 1)[-1] not in TARGET_SUFFIXES or ".layers." not in f".{name}":
-            continue
-        if only and not any(fnmatch(name, p) for p in only):
-            continue
-        if skip and any(fnmatch(name, p) for p in skip):
+        if not is_target(name) or not selected(name, only, skip):
             continue
         if not isinstance(mod, nn.Linear):
             raise BadInput(f"{name} is a {type(mod).__name__}, not a Linear; eora-export handles plain Linear layers only")

@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import BadInput, MissingInput, UsageError
-from .models import DEMO_DIR, SUPPORTED_ARCHITECTURES, read_config
+from .models import DEMO_DIR, SUPPORTED_ARCHITECTURES, read_config, selected
 from .safetensors_io import read_header
 
 log = logging.getLogger("eora_export")
@@ -280,8 +280,7 @@ def select(linears: dict[str, tuple[int, int]], only: list[str], skip: list[str]
                 raise UsageError(
                     f"{flag} {p!r} matches no Linear; names look like {example} (e.g. {flag} '*.mlp.*' or '*.layers.0.*')"
                 )
-    chosen = {n: s for n, s in linears.items() if (not only or any(fnmatch.fnmatch(n, p) for p in only))
-              and not any(fnmatch.fnmatch(n, p) for p in skip)}
+    chosen = {n: s for n, s in linears.items() if selected(n, only, skip)}
     if not chosen:
         raise UsageError("no Linear layers selected for compression: --only/--skip leave none; loosen the patterns")
     return chosen

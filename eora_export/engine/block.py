@@ -10,14 +10,13 @@ from __future__ import annotations
 import inspect
 import time
 from collections.abc import Callable, Iterable
-from fnmatch import fnmatch
 
 import torch
 from torch import Tensor, nn
 
 from ..calibration import GramCollector, GramStore
 from ..errors import BadInput
-from ..models import TARGET_SUFFIXES
+from ..models import is_target, selected
 
 
 class BlockHost(nn.Module):
@@ -82,15 +81,12 @@ def block_linears(host: BlockHost, only: list[str] | None = None, skip: list[str
     """The target Linears of one block by qualified name (same rule as models.target_linears)."""
     found = {}
     for name, mod in host.named_modules():
-        if name.rsplit(".", 1)[-1] not in TARGET_SUFFIXES:
+        if not is_target(name):
             continue
         if not isinstance(mod, nn.Linear):
             raise BadInput(f"{name} is a {type(mod).__name__}, not a Linear; eora-export handles plain Linear layers only")
-        if only and not any(fnmatch(name, p) for p in only):
-            continue
-        if skip and any(fnmatch(name, p) for p in skip):
-            continue
-        found[name] = mod
+        if selected(name, only, skip):
+            found[name] = mod
     return found
 
 

@@ -16,7 +16,6 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
-from fnmatch import fnmatch
 from pathlib import Path
 
 import torch
@@ -28,7 +27,7 @@ from ..compensate.ranks import Rung, allocate, budget_bytes, parse_budget
 from ..errors import MissingDependency, MissingInput, UsageError
 from ..evaluate import text_report
 from ..methods import get_method
-from ..models import DEMO_DIR, TARGET_SUFFIXES, load_model, resolve_model
+from ..models import DEMO_DIR, is_target, load_model, resolve_model, selected
 from ..validate import check_output_location, preflight
 from . import distributed
 from .assemble import DEFAULT_MAX_SHARD_BYTES, write_output_folder
@@ -109,14 +108,9 @@ def _targets(src, only: list[str], skip: list[str]) -> dict[str, list[int]]:
     """Target Linear name -> [out, in], by the checkpoint's tensor names (models.target_linears' rule)."""
     out = {}
     for key in src.tensor_names():
-        if not key.startswith("model.layers.") or not key.endswith(".weight"):
-            continue
         name = key.removesuffix(".weight")
-        if name.rsplit(".", 1)[-1] not in TARGET_SUFFIXES:
-            continue
-        if (only and not any(fnmatch(name, p) for p in only)) or (skip and any(fnmatch(name, p) for p in skip)):
-            continue
-        out[name] = src.shape(key)
+        if key.startswith("model.layers.") and key.endswith(".weight") and is_target(name) and selected(name, only, skip):
+            out[name] = src.shape(key)
     return out
 
 
