@@ -210,6 +210,20 @@ def train_block(
     return exported, {"mse_start": mse_start, "mse_end": mse_end, "seconds": time.perf_counter() - t0}
 
 
+def _description(cfg: LsiConfig) -> str:
+    """``CompressedLinear.method`` of LSI weights, e.g. "lsi int3 g128 lwc 5ep"."""
+    return f"lsi int{cfg.bits} g{cfg.group_size}" + (" lwc" if cfg.use_clip else "") + f" {cfg.epochs}ep"
+
+
+def _start(lin: nn.Module, start: QuantizedMatrix | None, cfg: LsiConfig) -> LsiLinear:
+    """The trainable stand-in of ``lin``, starting from the scales of ``start`` (a base quantization),
+    or from plain RTN (clip 1.0) without one."""
+    clip0 = None
+    if start is not None and start.scale is not None:
+        clip0 = initial_clip(lin.weight, start.scale, cfg.bits, cfg.group_size)
+    return LsiLinear(lin.weight, lin.bias, cfg.bits, cfg.group_size, cfg.use_clip, clip0)
+
+
 def lsi_compress(
     model: nn.Module,
     linears: dict[str, nn.Linear],
@@ -265,14 +279,10 @@ def lsi_compress(
     by_block = _block_of(names, prefix, len(layers))
     gen = torch.Generator().manual_seed(cfg.seed)
     result: dict[str, CompressedLinear] = {}
-    method = f"lsi int{cfg.bits} g{cfg.group_size}" + (" lwc" if cfg.use_clip else "") + f" {cfg.epochs}ep"
+    method = _description(cfg)
 
     def make(name: str) -> LsiLinear:
-        lin = linears[name]
-        clip0 = None
-        if name in base and base[name].weight.scale is not None:
-            clip0 = initial_clip(lin.weight, base[name].weight.scale, cfg.bits, cfg.group_size)
-        return LsiLinear(lin.weight, lin.bias, cfg.bits, cfg.group_size, cfg.use_clip, clip0)
+        return _start(linears[name], base[name].weight if name in base else None, cfg)
 
     if cfg.epochs == 0:
         # No training: the export of the untouched parameters (δ = 0, γ = 0), i.e. the start.
@@ -344,13 +354,11 @@ def lsi_requantize(inputs: BlockInputs) -> dict[str, CompressedLinear]:
                     seed=run.seed, progress=inputs.progress)
     cfg.validate()
     gen = torch.Generator().manual_seed(run.seed * 1_000_003 + inputs.block)  # the same draws after --resume
-    method = f"lsi int{cfg.bits} g{cfg.group_size}" + (" lwc" if cfg.use_clip else "") + f" {cfg.epochs}ep"
+    method = _description(cfg)
     wrappers = {}
     for n, lin in inputs.linears.items():
         check_group(lin.weight.shape[1], cfg.group_size, n)
-        start = inputs.compressed[n].weight
-        clip0 = initial_clip(lin.weight, start.scale, cfg.bits, cfg.group_size) if start.scale is not None else None
-        wrappers[n] = LsiLinear(lin.weight, lin.bias, cfg.bits, cfg.group_size, cfg.use_clip, clip0)
+        wrappers[n] = _start(lin, inputs.compressed[n].weight, cfg)
     q = inputs.own_inputs if inputs.own_inputs is not None else inputs.calib
     if cfg.epochs == 0:
         exported = {n: m.export() for n, m in wrappers.items()}
