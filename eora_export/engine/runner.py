@@ -203,6 +203,7 @@ def run(cfg, progress: bool = True, *, calib_windows: Tensor | None = None, eval
         texts = []
     calib_windows = calib_windows.to(torch.int64)
     eval_ids = torch.cat([t.windows for t in texts]) if texts else None
+    held = texts[0].windows if texts else torch.empty(0, calib_windows.shape[1], dtype=torch.int64)
     # The validation split also checks every compensated model against the compressed model
     # without compensation (never shipped worse without a warning); it needs the calibration text.
     val_ids = None
@@ -287,7 +288,6 @@ def run(cfg, progress: bool = True, *, calib_windows: Tensor | None = None, eval
             shares = distributed.all_gather(manifest["comm"])  # every rank's walk is over
             if not ranks.last:
                 distributed.barrier()  # the last rank scores, reports and assembles the output
-                held = texts[0].windows if texts else torch.empty(0, calib_windows.shape[1], dtype=torch.int64)
                 return RunResult(None, out, path, tokenizer, held)
             blocks = distributed.merged_blocks(folder, src.num_layers, ranks.world)
             resumed_from = min((s["resumed_from_block"] for s in shares if s["resumed_from_block"] is not None), default=None)
@@ -330,7 +330,6 @@ def run(cfg, progress: bool = True, *, calib_windows: Tensor | None = None, eval
             folder.rmdir()
     if ranks is not None:
         distributed.barrier()  # the other ranks wait for the output folder
-    held = texts[0].windows if texts else torch.empty(0, seq, dtype=torch.int64)
     return RunResult(report, out, path, tokenizer, held, None if streamed else src.model, plan.results)
 
 

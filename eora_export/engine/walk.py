@@ -166,17 +166,16 @@ def process_block(src, index: int, streams: dict[str, Tensor], cfg, plan: Plan, 
 
         cache: dict = {}  # shared by every method of this block (Gram roots)
 
-        def inputs(m: str, base: dict) -> BlockInputs:
+        def inputs(own: str, base: dict) -> BlockInputs:
+            """``own``: the path whose inputs the method fits on (a method's, or "req:R")."""
             return BlockInputs(host, linears, base, grams, streams["calib"], fp_out, biases, cfg, index,
-                               streams.get(f"calib@{m}"), progress, cache)
+                               streams.get(f"calib@{own}"), progress, cache)
 
         requantized: dict[str, dict] = {}
         for m in plan.methods:
             spec = get_method(m)
             if spec.requantize is not None and spec.requantizer not in requantized:
-                own = BlockInputs(host, linears, compressed, grams, streams["calib"], fp_out, biases, cfg, index,
-                                  streams.get(f"calib@req:{spec.requantizer}"), progress)
-                requantized[spec.requantizer] = spec.requantize(own)
+                requantized[spec.requantizer] = spec.requantize(inputs(f"req:{spec.requantizer}", compressed))
         lap("requantize_s")
         results: dict[str, dict] = {}
         for m in sorted(plan.methods, key=lambda m: m == "none"):  # "none" last: it can borrow an error
