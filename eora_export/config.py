@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from . import defaults
-from .compensate.apply import CompensationConfig
+from .compensate.apply import LOWRANK_QUANTS, CompensationConfig
 from .compensate.ranks import parse_budget
 from .compress import CompressConfig, quant_choices, sparsity_choices
 from .errors import UsageError
@@ -68,6 +68,9 @@ class RunConfig:
     rank: int = field(default=defaults.RANK, metadata=cli(group=COMPENSATION,
         help="rank of the low-rank residual; clamped per layer to min(out, in)"))
     lowrank_bits: int = field(default=defaults.LOWRANK_BITS, metadata=cli(group=COMPENSATION, help="storage of the factors: 4, 8 or 16"))
+    lowrank_quant: str = field(default=defaults.LOWRANK_QUANT, metadata=cli(group=COMPENSATION, choices=LOWRANK_QUANTS,
+        help="how 4/8-bit factors are rounded: gptq (A by GPTQ on the calibration Gram, B refitted to it, then GPTQ; "
+             "per layer never worse than rtn) or rtn (round to nearest; the svd baseline always uses it)"))
     lowrank_group_size: int = field(default=defaults.LOWRANK_GROUP_SIZE, metadata=cli(group=COMPENSATION, help="factor quantization group",
                                       default_help="largest of 128..2 dividing rank and width"))
     quant: str = field(default=defaults.QUANT, metadata=cli(group=COMPRESSION, choices=quant_choices(), help="weight quantizer"))
@@ -130,7 +133,7 @@ class RunConfig:
     def compensation(self, method: str, rank: int | None = None) -> CompensationConfig:
         return CompensationConfig(
             method=method, rank=self.rank if rank is None else rank, lowrank_bits=self.lowrank_bits,
-            lowrank_group_size=self.lowrank_group_size, fast=self.fast,
+            lowrank_group_size=self.lowrank_group_size, lowrank_quant=self.lowrank_quant, fast=self.fast,
         )
 
     def validate(self) -> None:

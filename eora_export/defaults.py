@@ -11,4 +11,5 @@ SPARSITY = "none"  # 2:4 sparsifier
 METHOD = "eora"  # compensation
 RANK = 16  # rank of the low-rank residual
 LOWRANK_BITS = 4  # storage of the factors
+LOWRANK_QUANT = "gptq"  # how the factors are rounded: in the fitted activation metric, or to nearest
 LOWRANK_GROUP_SIZE = 0  # 0: the largest of 128…2 dividing rank and width

@@ -186,3 +186,33 @@ def test_alternating_eora_is_never_behind_eora_and_keeps_2_4(tiny_model_dir, tmp
     alt, plain = result.by_method["eora-alt"], result.by_method["none"]
     assert all(is_24(r.module.weight_q.q) for r in alt.values())
     assert any(not torch.equal(r.module.weight_q.q, plain[n].module.weight_q.q) for n, r in alt.items())
+
+
+def test_factor_rounding_in_the_fitted_metric_is_never_worse_and_recorded(tiny_model_dir, tmp_path):
+    """--lowrank-quant gptq (default) vs rtn: the same factor format, per layer EoRA's fitted error
+    never above rtn's and below it on most layers; the setting is recorded with the adapter."""
+    runs = {q: run(_small_cfg(tiny_model_dir, tmp_path / q, lowrank_quant=q, ood_file="none", compare=True), progress=False)
+            for q in ("gptq", "rtn")}
+    gq, rtn = (runs[q].by_method["eora"] for q in ("gptq", "rtn"))
+    assert all(gq[n].error_after <= rtn[n].error_after * (1 + 1e-9) for n in gq)
+    assert sum(gq[n].error_after < 0.999 * rtn[n].error_after for n in gq) > len(gq) // 2
+    for n in gq:
+        assert (gq[n].module.a_q.bits, gq[n].module.a_q.group_size) == (rtn[n].module.a_q.bits, rtn[n].module.a_q.group_size)
+    for q in runs:
+        assert json.loads((tmp_path / q / "adapter" / "eora_adapter.json").read_text())["lowrank_quant"] == q
+    # The SVD baseline is activation-blind either way.
+    svd = {q: runs[q].by_method["svd"] for q in runs}
+    assert all(torch.equal(svd["gptq"][n].module.a_q.q, svd["rtn"][n].module.a_q.q) for n in svd["gptq"])
+
+
+@pytest.mark.parametrize("flags", [{"quant": "awq"}, {"quant": "none", "sparsity": "magnitude"}], ids=["awq", "2:4-fp16"])
+def test_feedback_alternation_runs_with_every_compressor(tiny_model_dir, tmp_path, flags):
+    """--method eora-fb-alt re-compresses with the run's own compressor (AWQ's folded weights; 2:4
+    alone): every layer lowers its feedback objective and 2:4 layers stay 2:4."""
+    from eora_export.compress.sparse24 import is_24
+
+    result = run(_small_cfg(tiny_model_dir, tmp_path / "out", method="eora-fb-alt", ood_file="none", **flags), progress=False)
+    assert "compressed+eora-fb-alt" in result.report["perplexity"]
+    assert all(r.rank == 8 and r.error_after < r.error_before for r in result.modules.values())
+    if flags.get("sparsity") == "magnitude":
+        assert all(is_24(r.module.weight_q.dequantize()) for r in result.modules.values())

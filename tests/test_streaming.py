@@ -130,6 +130,8 @@ METHOD_FLAGS = {
     "lsi": {"bits": 3, "lsi_epochs": 1}, "lsi+eora": {"bits": 3, "lsi_epochs": 1},
     "eora budget": {"rank_budget": "8", "val_samples": 4},
     "eora-alt": {"sparsity": "magnitude"},
+    "eora-fb-alt": {"sparsity": "sparsegpt", "quant": "gptq"},
+    "eora-fb-alt budget": {"rank_budget": "8", "val_samples": 4},
 }
 
 

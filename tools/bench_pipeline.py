@@ -197,12 +197,11 @@ def instrumented(error_metrics: bool = True) -> Iterator[Timers]:
     t.wrap(apply, "gram_root", "root")  # Cholesky (or eigh fallback) of each shared Gram
     t.wrap(torch.linalg, "cholesky_ex", "cholesky")
     t.wrap(torch.linalg, "eigh", "eigh")
-    t.wrap(apply, "eora_factors_from_root", "factors")  # exact path: whitening + SVD + unwhitening
     t.wrap(apply, "whiten", "whiten")  # fast path: M = ΔW R in float32
-    t.wrap(apply, "eora_factors_from_whitened", "factors")  # fast path: SVD of M + unwhitening
+    t.wrap(apply, "eora_factors_from_whitened", "factors")  # SVD of M + unwhitening (exact path: M's product is in "other")
     t.wrap(eora_math, "randomized_svd", "svd")
     t.wrap(torch.linalg, "svd", "svd")
-    t.wrap(apply, "quantize_factors", "factor_quant")
+    t.wrap(apply, "factor_module", "factor_quant")  # rounding the factors (with --lowrank-quant gptq: GPTQ of A and B)
     t.wrap(apply, "weighted_error", "error_metrics")  # tr(E G Eᵀ), before and after
     t.wrap(apply, "whitened_error", "error_metrics")
     try:
@@ -309,6 +308,7 @@ def run(args: argparse.Namespace) -> dict:
         method="eora",
         rank=args.rank,
         lowrank_bits=args.lowrank_bits,
+        lowrank_quant=args.lowrank_quant,
         quant="rtn",
         bits=4,
         group_size=128,
@@ -396,6 +396,7 @@ def run(args: argparse.Namespace) -> dict:
             "tokens": args.calib_samples * args.seq_len,
             "rank": args.rank,
             "lowrank_bits": args.lowrank_bits,
+            "lowrank_quant": args.lowrank_quant,
             "quant": "rtn int4 g128 clip-search",
             "fast": not args.exact,
             "inputs": args.inputs,
@@ -482,6 +483,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (default 512)")
     p.add_argument("--rank", type=int, default=128)
     p.add_argument("--lowrank-bits", type=int, default=4)
+    p.add_argument("--lowrank-quant", choices=["gptq", "rtn"], default="gptq", help="factor rounding (the CLI's default: gptq)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--inputs", choices=["fp", "compressed"], default="fp")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")

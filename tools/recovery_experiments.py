@@ -18,14 +18,17 @@ import math
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 from eora_export.calibration import CalibSource, calibration_windows, collect_grams, read_texts, token_windows
-from eora_export.compensate.apply import CompensationConfig, LayerResult, compensate_layers, factor_module, swapped
+from eora_export.compensate.alternating import FB_ALT_DAMP, ROUNDS, feedback_alternate_fit
+from eora_export.compensate.apply import LOWRANK_QUANTS, CompensationConfig, LayerResult, compensate_layers, factor_module, swapped
 from eora_export.compensate.feedback import DEFAULT_DAMP, feedback_compensate_model, feedback_error, feedback_factors
 from eora_export.compensate.ranks import budget_bytes, budget_compensate
 from eora_export.compress import CompressConfig, compress_model
+from eora_export.defaults import LOWRANK_QUANT
 from eora_export.evaluate import model_logits, recovered_share, score
 from eora_export.models import DEMO_DIR, load_model, target_linears
 
@@ -48,6 +51,7 @@ def main() -> None:
     ap.add_argument("--setting", choices=SETTINGS, required=True)
     ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--lowrank-bits", type=int, default=4)
+    ap.add_argument("--lowrank-quant", choices=LOWRANK_QUANTS, default=LOWRANK_QUANT, help="factor rounding (as the CLI)")
     ap.add_argument("--methods", default="none,svd,eora,eora-fb")
     ap.add_argument("--calib-samples", type=int, default=128)
     ap.add_argument("--val-samples", type=int, default=32, help="calibration windows after the fitting ones")
@@ -99,28 +103,31 @@ def main() -> None:
                 out[k] = score(model_logits(c_model), w, lambda _ids, b=batches: next(b).float(), args.batch_size, progress=False)
         return out
 
-    cfg = CompensationConfig(rank=args.rank, lowrank_bits=args.lowrank_bits)
+    cfg = CompensationConfig(rank=args.rank, lowrank_bits=args.lowrank_bits, lowrank_quant=args.lowrank_quant)
     rows = {}
     for method in args.methods.split(","):
         t = time.perf_counter()
         spec, _, damp = method.partition("~")
-        damp = float(damp) if damp else DEFAULT_DAMP
+        damp = float(damp) if damp else (FB_ALT_DAMP if "-alt" in spec else DEFAULT_DAMP)  # the CLI's defaults
         if spec == "eora" and "~" in method:
             # Plain EoRA in the ridge metric G + δI (between EoRA, δ = 0, and SVD, δ → ∞).
             res = damped_eora(compressed, grams, cfg, biases, damp)
         elif method in ("none", "svd", "eora"):
             res = compensate_layers(compressed, grams, CompensationConfig(**{**cfg.__dict__, "method": method}), biases, False)
         elif method.startswith("eora-fb"):
-            # eora-fb[-block|-budget][@shrink][~damp]; -budget: ranks allocated as eora-budget, then the walk.
+            # eora-fb[-alt][-block|-budget][#rounds][@shrink][~damp]; -budget: ranks allocated as eora-budget, then the walk.
             spec, _, shrink = spec.partition("@")
+            spec, _, rounds = spec.partition("#")
             unit = "block" if spec.endswith("-block") else "input"
             ranks = None
             if spec.endswith("-budget"):
                 budget = budget_bytes({n: tuple(c.weight.shape) for n, c in compressed.items()}, cfg, "rank", cfg.rank)
                 _, ranks = budget_compensate(compressed, grams, collect_grams(fp_model, linears, val, 8, False), cfg,
                                              budget, biases)
+            # -alt[#rounds]: the compressor's codes re-fitted in turn with the factors (--method eora-fb-alt).
+            fit = feedback_alternate_fit(setting_run(args.setting), int(rounds or ROUNDS)) if "-alt" in spec else None
             res = feedback_compensate_model(c_model, compressed, grams.owner, calib, cfg, biases, 8, unit,
-                                            float(shrink or 0), damp, ranks)
+                                            float(shrink or 0), damp, ranks, fit)
         elif spec.startswith("eora-budget"):
             # eora-budget[-rel]: the bytes of uniform --rank EoRA, spread by validation gain per byte.
             res = run_budget(compressed, grams, collect_grams(fp_model, linears, val, 8, False), cfg, biases,
@@ -131,6 +138,12 @@ def main() -> None:
         modules = {n: r.module for n, r in res.items()}
         rows[method] = (evaluate(modules), factor_bytes(res), fit_s)
         report_row(method, rows)
+
+
+def setting_run(setting: str) -> SimpleNamespace:
+    """What the re-compressing methods read of a run (its compressor) for one SETTINGS entry."""
+    c = SETTINGS[setting]
+    return SimpleNamespace(quant=c.quant, sparsity=c.sparsity, compress_config=lambda: c)
 
 
 def damped_eora(compressed, grams, cfg, biases, damp: float) -> dict:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import copy
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -34,7 +34,7 @@ from torch import Tensor
 from ..eora_linear import EoraLinear
 from ..methods import BlockInputs, Method, register
 from ..models import set_module
-from .apply import CompensationConfig, LayerResult, factor_module, swapped
+from .apply import CompensationConfig, FitMetric, LayerResult, factor_module, swapped
 from .eora import GramRoot, _check_rank, check_finite, eora_factors_from_whitened, gram_root
 
 # Ridge of the feedback regression, in units of mean(diag G_c); see feedback_target. Chosen on the
@@ -141,6 +141,37 @@ def feedback_factors(
     return b, a, t
 
 
+@dataclass(frozen=True)
+class PairedGrams:
+    """One shared input's statistics over the same calibration tokens, all [in, in] float64:
+    G_fp = X_fp X_fpᵀ / N, C = X_fp X_cᵀ / N, G_c = X_c X_cᵀ / N; ``root`` of G_c + δI with
+    δ = ``damp`` · mean(diag G_c) (:func:`damped`)."""
+
+    gram_fp: Tensor
+    cross: Tensor
+    gram_c: Tensor
+    root: GramRoot
+    damp: float
+    cache: dict = field(default_factory=dict, compare=False, repr=False)  # FitMetric's, for G_c + δI
+
+
+# fit(name, compressed Linear, paired Grams, rank, cfg, bias, shrink) -> LayerResult
+LayerFit = Callable[[str, object, PairedGrams, int, CompensationConfig, "Tensor | None", float], LayerResult]
+
+
+def fit_factors(name: str, cl, g: PairedGrams, rank: int, cfg: CompensationConfig, bias: Tensor | None,
+                shrink: float = 0.0) -> LayerResult:
+    """EoRA-fb for one Linear: factors on the compressor's W_c (rank 0: W_c alone); errors are
+    the undamped objective f (:func:`feedback_error`)."""
+    w, w_c = cl.reference.double(), cl.weight.dequantize().double()
+    if rank == 0:
+        target = feedback_target(w, w_c, g.gram_fp, g.cross, g.gram_c, g.root, shrink, g.damp)
+        return LayerResult(EoraLinear(cl.weight, bias=bias, sparse24=cl.sparse24), 0, target.before, target.before)
+    b, a, target = feedback_factors(w, w_c, g.gram_fp, g.cross, g.gram_c, rank, g.root, cfg.fast, shrink, g.damp)
+    module = factor_module(cl, b, a, cfg, bias, FitMetric(target.m, g.root, damped(g.gram_c, g.damp), g.cache))
+    return LayerResult(module, rank, target.before, feedback_error(target, module.b.double(), module.a.double()))
+
+
 # --------------------------------------------------------------------------------------
 # The walk: layer groups in forward order, each fitted on the inputs its compensated
 # upstream produces.
@@ -233,6 +264,7 @@ def feedback_walk(
     shrink: float = 0.0,
     damp: float = DEFAULT_DAMP,
     ranks: dict[str, int] | None = None,
+    fit: LayerFit | None = None,
 ) -> dict[str, LayerResult]:
     """Error-feedback EoRA over ``units`` in forward order.
 
@@ -244,8 +276,11 @@ def feedback_walk(
     forward_fp / forward_c: run one calibration batch through the FP / compressed model (or
     block); batches(): the calibration batches, the same for both. ranks: per-layer ranks
     (e.g. from :func:`ranks.budget_compensate`; 0: no factors) instead of cfg.rank.
+    fit: what one Linear gets from its paired Grams (default :func:`fit_factors`, EoRA-fb's
+    closed form; ``--method eora-fb-alt`` also re-compresses the weight).
     """
     biases = biases or {}
+    fit = fit or fit_factors
     results: dict[str, LayerResult] = {}
     for unit in units:
         # One hooked module per distinct input tensor: Linears reading the same input share
@@ -255,20 +290,10 @@ def feedback_walk(
         paired.run(forward_fp, forward_c, batches())
         for key, names in keys.items():
             gram_fp, cross, gram_c = paired.grams(key)
-            root = gram_root(damped(gram_c, damp), fast=cfg.fast)
+            shared = PairedGrams(gram_fp, cross, gram_c, gram_root(damped(gram_c, damp), fast=cfg.fast), damp)
             for name in names:
-                cl = compressed[name]
-                w, w_c = cl.reference.double(), cl.weight.dequantize().double()
-                rank = min(cfg.rank if ranks is None else ranks[name], *w.shape)
-                if rank == 0:
-                    target = feedback_target(w, w_c, gram_fp, cross, gram_c, root, shrink, damp)
-                    module = EoraLinear(cl.weight, bias=biases.get(name), sparse24=cl.sparse24)
-                    results[name] = LayerResult(module, 0, target.before, target.before)
-                    continue
-                b, a, target = feedback_factors(w, w_c, gram_fp, cross, gram_c, rank, root, cfg.fast, shrink, damp)
-                module = factor_module(cl, b, a, cfg, biases.get(name))
-                after = feedback_error(target, module.b.double(), module.a.double())
-                results[name] = LayerResult(module, rank, target.before, after)
+                rank = min(cfg.rank if ranks is None else ranks[name], *compressed[name].reference.shape)
+                results[name] = fit(name, compressed[name], shared, rank, cfg, biases.get(name), shrink)
         for name in unit:
             install(name, results[name].module)
     return results
@@ -347,6 +372,7 @@ def feedback_compensate_model(
     shrink: float = 0.0,
     damp: float = DEFAULT_DAMP,
     ranks: dict[str, int] | None = None,
+    fit: LayerFit | None = None,
 ) -> dict[str, LayerResult]:
     """Error-feedback EoRA for a whole in-memory model (tools/recovery_experiments.py and tests; runs
     give ``--method eora-fb`` through :func:`feedback_block`, one decoder block at a time).
@@ -365,7 +391,7 @@ def feedback_compensate_model(
             walk_units(list(compressed), unit, owner), compressed, fp_linears, model.get_submodule,
             lambda n, m: set_module(model, n, m), fp, model,
             lambda: [calib[i : i + batch_size] for i in range(0, calib.shape[0], batch_size)],
-            cfg, biases, shrink, damp, ranks,
+            cfg, biases, shrink, damp, ranks, fit,
         )
 
 
@@ -385,7 +411,8 @@ class _Pair:
         return self.fp.ndim
 
 
-def feedback_block(inputs: BlockInputs, comp: CompensationConfig, ranks: dict[str, int] | None) -> dict[str, LayerResult]:
+def feedback_block(inputs: BlockInputs, comp: CompensationConfig, ranks: dict[str, int] | None,
+                   fit: LayerFit | None = None, damp: float = DEFAULT_DAMP) -> dict[str, LayerResult]:
     """``--method eora-fb`` on one decoder block: each shared-input group of Linears fitted to the
     FP block's outputs from the inputs its path really gets (``inputs.own_inputs``: what the
     compressed and compensated upstream blocks produce; inside the block, the groups before it
@@ -400,7 +427,7 @@ def feedback_block(inputs: BlockInputs, comp: CompensationConfig, ranks: dict[st
         return feedback_walk(
             walk_units(list(inputs.compressed), "input", inputs.grams.owner), inputs.compressed, fp_linears,
             host.get_submodule, lambda n, m: set_module(host, n, m), lambda b: fp(b.fp), lambda b: host(b.c),
-            lambda: batches, comp, inputs.biases, ranks=ranks,
+            lambda: batches, comp, inputs.biases, damp=damp, ranks=ranks, fit=fit,
         )
 
 

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ..errors import UsageError
-from .apply import CompensationConfig, factor_module, lowrank_group, quantize_factors
+from .apply import CompensationConfig, FitMetric, factor_module, lowrank_group, quantize_factors
 from .eora import _split_sqrt, gram_root
 from .feedback import damped
 
@@ -51,35 +51,39 @@ def ladder_ranks(max_rank: int, in_features: int, lowrank_bits: int, step: int =
 
 
 def eora_ladder(cl, gram_fit: Tensor, gram_val: Tensor, ranks: list[int], cfg: CompensationConfig,
-                damp: float = 0.0) -> tuple[list[Rung], dict]:
+                damp: float = 0.0, cache: dict | None = None) -> tuple[list[Rung], dict]:
     """Rungs of one CompressedLinear ``cl`` (weight [out, in], reference [out, in]).
 
     gram_fit: the calibration Gram the factors are fitted on; gram_val: the validation Gram
     they are judged on, both [in, in]. damp: fit in the ridge metric G + δI (feedback.damped).
-    Returns (rungs, factors by rank: (B [out, r], A [r, in])).
+    cache: shared by the ladders of Linears with the same ``gram_fit`` (:class:`apply.FitMetric`).
+    Returns (rungs, the rung's EoraLinear by rank, its factors quantized as they will ship:
+    in the fitted metric with ``cfg.lowrank_quant == "gptq"``, bias-free).
     """
     w_c = cl.weight.dequantize().double()
     delta = cl.reference.double() - w_c
-    root = gram_root(damped(gram_fit, damp))
-    u, s, vh = torch.linalg.svd(root.whiten(delta), full_matrices=False)
+    gram = damped(gram_fit, damp)
+    root = gram_root(gram)
+    metric = FitMetric(root.whiten(delta), root, gram, {} if cache is None else cache)
+    u, s, vh = torch.linalg.svd(metric.m, full_matrices=False)
     g_val = gram_val.to(torch.float64)
     # tr(E G Eᵀ) = tr(ΔW G ΔWᵀ) − 2⟨B A, ΔW G⟩ + ⟨A G Aᵀ, BᵀB⟩: one out·in² product per layer,
     # then r·in·(out + in) per rung instead of out·in² each.
     p = delta @ g_val
     base = float((p * delta).sum())
-    rungs, factors = [Rung(0, 0, base)], {}
+    rungs, modules = [Rung(0, 0, base)], {}
     for r in ranks:
         if r == 0:
             continue
         b, a_white = _split_sqrt(u, s, vh, r, delta.shape[0])
         a = root.unwhiten_rows(a_white)
-        module = factor_module(cl, b, a, cfg, None)
+        module = factor_module(cl, b, a, cfg, None, metric)
         nbytes = module.storage_bytes() - module.weight_q.storage_bytes()
         bq, aq = module.b.double(), module.a.double()
         err = base - 2 * float(((bq.T @ p) * aq).sum()) + float(((aq @ g_val @ aq.T) * (bq.T @ bq)).sum())
         rungs.append(Rung(r, nbytes, err))
-        factors[r] = (b, a)
-    return rungs, factors
+        modules[r] = module
+    return rungs, modules
 
 
 def _hull(rungs: list[Rung]) -> list[Rung]:
@@ -185,18 +189,19 @@ def budget_compensate(
     from .apply import LayerResult
 
     biases = biases or {}
-    ladders, factors = {}, {}
+    ladders, modules, caches = {}, {}, {}
     for n, cl in compressed.items():
         out_f, in_f = cl.weight.shape
         ranks = ladder_ranks(min(max_rank or 4 * max(cfg.rank, RANK_STEP), out_f, in_f), in_f, cfg.lowrank_bits)
-        ladders[n], factors[n] = eora_ladder(cl, grams.gram(n), val_grams.gram(n), ranks, cfg, damp)
+        cache = caches.setdefault(grams.owner[n], {})
+        ladders[n], modules[n] = eora_ladder(cl, grams.gram(n), val_grams.gram(n), ranks, cfg, damp, cache)
     weights = {n: 1.0 / max(lad[0].val_error, 1e-30) for n, lad in ladders.items()} if relative else None
     chosen = allocate(ladders, budget, weights)
     out = {}
     for n, cl in compressed.items():
         r = chosen[n]
-        module = (factor_module(cl, *factors[n][r], cfg, biases.get(n)) if r
-                  else EoraLinear(cl.weight, bias=biases.get(n), sparse24=cl.sparse24))
+        m = modules[n].get(r)
+        module = EoraLinear(cl.weight, m.a_q if r else None, m.b_q if r else None, bias=biases.get(n), sparse24=cl.sparse24)
         rung = next(x for x in ladders[n] if x.rank == r)
         out[n] = LayerResult(module, r, ladders[n][0].val_error, rung.val_error)
     return out, chosen

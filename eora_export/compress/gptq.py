@@ -123,11 +123,14 @@ def obs_compress(
     select_24: bool = False,
     damp: float = DEFAULT_DAMP,
     name: str = "layer",
+    u: Tensor | None = None,
 ) -> ObsResult:
     """Round (``bits`` 3/4: group-wise integer; 16: float16) and/or 2:4-prune ``weight [out, in]``.
 
     keep: a fixed bool mask (True = kept); pruned weights become exactly 0.
     select_24: choose the 2:4 mask on the fly (SparseGPT); excludes ``keep``.
+    u: :func:`inverse_hessian_factor` of ``gram`` with ``damp``, when the caller already has it
+    (Linears sharing one Gram; it is most of the cost for wide layers).
     """
     if keep is not None and select_24:
         raise ValueError("give either a fixed mask or select_24, not both")
@@ -137,7 +140,7 @@ def obs_compress(
         raise ValueError(f"group size {group_size} does not divide {cols} columns of {name}")
     if select_24 and cols % 4:
         raise ValueError(f"2:4 sparsity needs a multiple of 4 input columns; {name} has {cols}")
-    u = inverse_hessian_factor(gram, damp, name)
+    u = inverse_hessian_factor(gram, damp, name) if u is None else u
     masked = keep is not None or select_24
     # Transposed working layout [in, out]: an input column is a contiguous row here.
     wt = weight.detach().to(torch.float32).t().contiguous()
@@ -215,10 +218,12 @@ def gptq(
     keep: Tensor | None = None,
     damp: float = DEFAULT_DAMP,
     name: str = "layer",
+    u: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """GPTQ codes (int8 ``[out, in]``) and float16 scales ``[out, in / group]``; ``keep`` fixes a 2:4 mask."""
+    """GPTQ codes (int8 ``[out, in]``) and float16 scales ``[out, in / group]``; ``keep`` fixes a 2:4 mask;
+    ``u``: a precomputed :func:`inverse_hessian_factor` of ``gram``."""
     res = obs_compress(
-        weight, gram, bits=bits, group_size=group_size, clip_search=clip_search, keep=keep, damp=damp, name=name
+        weight, gram, bits=bits, group_size=group_size, clip_search=clip_search, keep=keep, damp=damp, name=name, u=u
     )
     return res.codes, res.scales
 

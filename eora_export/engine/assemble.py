@@ -38,6 +38,7 @@ def write_output_folder(src, blocks: list[dict], work: Path, cfg, out: Path, tok
         "method": cfg.method,
         "rank": cfg.rank,
         "lowrank_bits": cfg.lowrank_bits,
+        "lowrank_quant": cfg.lowrank_quant,
         "quant": cfg.quant,
         "bits": cfg.bits,
         "group_size": cfg.group_size,

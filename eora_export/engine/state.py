@@ -36,7 +36,7 @@ MANIFEST_VERSION = 2
 # Settings that change the results; a resumed run must match them exactly (the others, such
 # as --out, --resume or --device, only say where and how).
 RESULT_KEYS = (
-    "method", "rank", "lowrank_bits", "lowrank_group_size", "quant", "bits", "group_size", "sparsity", "only", "skip",
+    "method", "rank", "lowrank_bits", "lowrank_group_size", "lowrank_quant", "quant", "bits", "group_size", "sparsity", "only", "skip",
     "batch_size", "seed", "compare", "sweep_ranks", "lsi_epochs", "lsi_lr", "fast", "rank_budget", "val_samples",
     "stream_inputs", "act_dtype",
 )

@@ -234,11 +234,12 @@ def process_block(src, index: int, streams: dict[str, Tensor], cfg, plan: Plan, 
 def _ladders(compressed: dict, grams, val_grams, plan: Plan) -> dict[str, list[list]]:
     """Each layer's rank ladder: [rank, factor bytes, validation error] per rung."""
     comp = plan.comp("eora", None)
-    out = {}
+    out, caches = {}, {}
     for n, cl in compressed.items():
         out_f, in_f = cl.weight.shape
         ranks = ladder_ranks(min(plan.ladder_max, out_f, in_f), in_f, comp.lowrank_bits)
-        rungs, _ = eora_ladder(cl, grams.gram(n), val_grams.gram(n), ranks, comp)
+        cache = caches.setdefault(grams.owner[n], {})  # one GPTQ inverse-Hessian factor per shared input
+        rungs, _ = eora_ladder(cl, grams.gram(n), val_grams.gram(n), ranks, comp, cache=cache)
         out[n] = [[r.rank, r.bytes, r.val_error] for r in rungs]
     return out
 
