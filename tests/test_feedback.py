@@ -176,7 +176,8 @@ def _paired(x_fp, x_c, damp):
     from eora_export.compensate.feedback import PairedGrams, damped
 
     g_fp, cross, g_c = _grams(x_fp, x_c)
-    return PairedGrams(g_fp, cross, g_c, gram_root(damped(g_c, damp)), damp)
+    hessian = damped(g_c, damp)
+    return PairedGrams(g_fp, cross, g_c, hessian, gram_root(hessian), damp)
 
 
 def test_feedback_target_weight_turns_the_objective_into_a_weighted_distance():

@@ -30,7 +30,7 @@ from ..methods import BlockInputs, Method, register
 from ..quant import QuantizedMatrix, quantize
 from .apply import CompensationConfig, FitMetric, LayerResult, compensate_layers, factor_module
 from .eora import eora_factors_from_whitened
-from .feedback import LayerFit, PairedGrams, damped, feedback_block, whiten_pinv
+from .feedback import LayerFit, PairedGrams, feedback_block, whiten_pinv
 
 ROUNDS = 3  # compressor/factor rounds after plain EoRA (measured on the demo: README, Recovery methods)
 # eora-fb-alt's ridge, in units of mean(diag G_c) (its pull is toward W, not toward W_c as in eora-fb).
@@ -106,7 +106,6 @@ def feedback_alternate_fit(run, rounds: int = ROUNDS) -> LayerFit:
             raise ValueError("eora-fb-alt takes no shrink")
         w = cl.reference.double()
         t = feedback_target_weight(w, g)
-        hessian = damped(g.gram_c, g.damp)
         gram_fp, cross, gram_c = (x.to(torch.float64) for x in (g.gram_fp, g.cross, g.gram_c))
 
         def undamped(w_hat: torch.Tensor) -> float:
@@ -118,12 +117,12 @@ def feedback_alternate_fit(run, rounds: int = ROUNDS) -> LayerFit:
         for k in range(rounds + 1 if rank else 2):
             if k:
                 target = t if factors is None else t - factors.residual_weight().double()
-                current = replace(cl, weight=requantize(target.float(), hessian, cl.sparse24, run, name))
+                current = replace(cl, weight=requantize(target.float(), g.hessian, cl.sparse24, run, name))
             w_c = current.weight.dequantize().double()
             if rank:
                 m = g.root.whiten(t - w_c)
                 b, a = eora_factors_from_whitened(m, g.root, rank, fast=cfg.fast)
-                factors = factor_module(current, b, a, cfg, bias, FitMetric(m, g.root, hessian, g.cache))
+                factors = factor_module(current, b, a, cfg, bias, FitMetric(m, g.root, g.hessian, g.cache))
                 w_hat = w_c + factors.residual_weight().double()
                 module = factors
             else:

@@ -144,12 +144,13 @@ def feedback_factors(
 @dataclass(frozen=True)
 class PairedGrams:
     """One shared input's statistics over the same calibration tokens, all [in, in] float64:
-    G_fp = X_fp X_fpᵀ / N, C = X_fp X_cᵀ / N, G_c = X_c X_cᵀ / N; ``root`` of G_c + δI with
-    δ = ``damp`` · mean(diag G_c) (:func:`damped`)."""
+    G_fp = X_fp X_fpᵀ / N, C = X_fp X_cᵀ / N, G_c = X_c X_cᵀ / N; ``hessian`` = G_c + δI with
+    δ = ``damp`` · mean(diag G_c) (:func:`damped`), formed once per shared input, and its ``root``."""
 
     gram_fp: Tensor
     cross: Tensor
     gram_c: Tensor
+    hessian: Tensor
     root: GramRoot
     damp: float
     cache: dict = field(default_factory=dict, compare=False, repr=False)  # FitMetric's, for G_c + δI
@@ -168,7 +169,7 @@ def fit_factors(name: str, cl, g: PairedGrams, rank: int, cfg: CompensationConfi
         target = feedback_target(w, w_c, g.gram_fp, g.cross, g.gram_c, g.root, shrink, g.damp)
         return LayerResult(EoraLinear(cl.weight, bias=bias, sparse24=cl.sparse24), 0, target.before, target.before)
     b, a, target = feedback_factors(w, w_c, g.gram_fp, g.cross, g.gram_c, rank, g.root, cfg.fast, shrink, g.damp)
-    module = factor_module(cl, b, a, cfg, bias, FitMetric(target.m, g.root, damped(g.gram_c, g.damp), g.cache))
+    module = factor_module(cl, b, a, cfg, bias, FitMetric(target.m, g.root, g.hessian, g.cache))
     return LayerResult(module, rank, target.before, feedback_error(target, module.b.double(), module.a.double()))
 
 
@@ -290,7 +291,8 @@ def feedback_walk(
         paired.run(forward_fp, forward_c, batches())
         for key, names in keys.items():
             gram_fp, cross, gram_c = paired.grams(key)
-            shared = PairedGrams(gram_fp, cross, gram_c, gram_root(damped(gram_c, damp), fast=cfg.fast), damp)
+            hessian = damped(gram_c, damp)
+            shared = PairedGrams(gram_fp, cross, gram_c, hessian, gram_root(hessian, fast=cfg.fast), damp)
             for name in names:
                 rank = min(cfg.rank if ranks is None else ranks[name], *compressed[name].reference.shape)
                 results[name] = fit(name, compressed[name], shared, rank, cfg, biases.get(name), shrink)
