@@ -111,6 +111,26 @@ def is_target(name: str) -> bool:
     return name.rsplit(".", 1)[-1] in TARGET_SUFFIXES and ".layers." in f".{name}"
 
 
+# The residual stream a decoder projection's output is added to is the input of the norm that
+# opens its sublayer (Llama, Mistral, Qwen2: pre-norm blocks): o_proj -> input_layernorm,
+# down_proj -> post_attention_layernorm. Error feedback with the residual reads it there.
+RESIDUAL_NORMS = {"self_attn.o_proj": "input_layernorm", "mlp.down_proj": "post_attention_layernorm"}
+
+
+def residual_source(name: str, model: nn.Module) -> str | None:
+    """The module of ``model`` whose input is the residual stream ``name``'s output is added to
+    (:data:`RESIDUAL_NORMS`), or None for a Linear whose output stays inside its sublayer."""
+    for suffix, norm in RESIDUAL_NORMS.items():
+        if name == suffix or name.endswith("." + suffix):
+            source = name[: len(name) - len(suffix)] + norm
+            try:
+                model.get_submodule(source)
+            except AttributeError:
+                return None
+            return source
+    return None
+
+
 def selected(name: str, only: list[str] | None, skip: list[str] | None) -> bool:
     """--only / --skip on a qualified name: fnmatch patterns (e.g. ``*.mlp.*``)."""
     from fnmatch import fnmatch

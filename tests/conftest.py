@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pyproject runs one worker per core: a second torch thread per worker would only fight the
+    # other worker for the same cores (OpenMP workers spin-wait for cores others hold).
+    torch.set_num_threads(1)
 
 TEXT = (
     "The quick brown fox jumps over the lazy dog. Compression of language models trades accuracy for speed. "

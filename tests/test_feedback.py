@@ -240,3 +240,108 @@ def test_feedback_alternation_is_never_behind_its_first_round(quant, sparsity):
     zero, err_zero = fitted(3, rank=0)
     assert zero.module.rank == 0
     assert err_zero <= float(g.root.whiten(t - cl.weight.dequantize().double()).square().sum()) * (1 + 1e-12)
+
+
+def _residual(err, x_fp, x_c):
+    from eora_export.compensate.feedback import Residual
+
+    n = x_fp.shape[1]
+    return Residual(err @ x_c.T / n, err @ x_fp.T / n, float(err.square().sum()) / n)
+
+
+def test_residual_term_fits_the_sum_with_the_stream_error():
+    """With the residual stream's error E the closed form minimises ‖W X_fp + E − (W_c + BA) X_c‖²/N:
+    its cheap metrics equal that objective from the data, it beats random rank-r candidates, and
+    it beats the factors fitted without E on it."""
+    w, w_c, x_fp, x_c = _case(2000)
+    gen = torch.Generator().manual_seed(11)
+    # Part of the stream's error is predictable from X_c (what a Linear can absorb), part is not.
+    err = 0.3 * torch.randn(w.shape[0], x_c.shape[0], generator=gen, dtype=F64) @ x_c
+    err += 0.05 * torch.randn(*err.shape, generator=gen, dtype=F64)
+    resid = _residual(err, x_fp, x_c)
+
+    def objective(m):
+        return float(((w @ x_fp + err - (w_c + m) @ x_c) ** 2).sum() / x_fp.shape[1])
+
+    b, a, t = feedback_factors(w, w_c, *_grams(x_fp, x_c), 4, resid=resid)
+    assert t.before == pytest.approx(objective(0 * w), rel=1e-9)
+    assert feedback_error(t, b, a) == pytest.approx(objective(b @ a), rel=1e-9)
+    b0, a0, _ = feedback_factors(w, w_c, *_grams(x_fp, x_c), 4)
+    assert objective(b @ a) < objective(b0 @ a0) < t.before
+    for _ in range(20):
+        cb = torch.randn(*b.shape, generator=gen, dtype=F64)
+        ca = torch.randn(*a.shape, generator=gen, dtype=F64) * 0.1
+        assert objective((b + 1e-3 * cb) @ (a + 1e-3 * ca)) >= objective(b @ a) * (1 - 1e-9)
+    # eora-fb-alt's target weight carries E too: T is the unconstrained optimum of the same sum.
+    from eora_export.compensate.alternating import feedback_target_weight
+    from eora_export.compensate.eora import gram_root
+    from eora_export.compensate.feedback import PairedGrams
+
+    grams = _grams(x_fp, x_c)
+    g = PairedGrams(*grams, grams[2], gram_root(grams[2]), 0.0, resid)
+    t_w = feedback_target_weight(w, g)
+    assert objective(t_w - w_c) < objective(b @ a)
+    assert objective(t_w - w_c) <= objective(t_w - w_c + 1e-3 * torch.randn(*w.shape, generator=gen, dtype=F64))
+
+
+class _NormToy(_Toy):
+    """_Toy with a named module that opens each block, reading the residual stream (as Llama's norms do)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        for blk in self.layers:
+            blk.norm = nn.Identity()
+
+    def forward(self, x):
+        for blk in self.layers:
+            h = blk.norm(x)
+            x = x + blk.down(torch.nn.functional.silu(blk.gate(h)) * blk.up(h))
+        return x
+
+
+def test_walk_with_residual_absorbs_the_stream_error_end_to_end():
+    torch.manual_seed(2)
+    fp = _NormToy().eval()
+    c = _NormToy().eval()
+    c.load_state_dict(fp.state_dict())
+    lin = {n: m for n, m in fp.named_modules() if isinstance(m, nn.Linear)}
+    calib = torch.randn(64, 16, 32)
+    grams = collect_grams(fp, lin, calib, 8, False)
+    conf = CompressConfig(quant="rtn", bits=3, group_size=32)
+    compressed = compress_model(c, {n: c.get_submodule(n) for n in lin}, grams, conf, calib)
+    units = walk_units(list(compressed), "input", grams.owner)
+    batches = lambda: [calib[i : i + 8] for i in range(0, 64, 8)]  # noqa: E731
+    cfg = CompensationConfig(rank=8, lowrank_bits=16)
+
+    def walk(residual):
+        for n, cl in compressed.items():
+            set_module(c, n, EoraLinear(cl.weight, sparse24=cl.sparse24))
+        pair = None
+        if residual:
+            def pair(name):
+                blk = name.rsplit(".", 1)[0]
+                return (fp.get_submodule(blk + ".norm"), c.get_submodule(blk + ".norm")) if name.endswith("down") else None
+        res = feedback_walk(units, compressed, lin, c.get_submodule, lambda n, m: set_module(c, n, m), fp, c, batches,
+                            cfg, damp=0.0, residual=pair)
+        with torch.no_grad():
+            return res, float(((c(calib) - fp(calib)) ** 2).mean())
+
+    plain, err_plain = walk(False)
+    absorbed, err_absorbed = walk(True)
+    # Block 0's stream carries no error yet; block 1's down absorbs what block 0 left.
+    assert torch.allclose(absorbed["layers.0.down"].module.residual_weight(), plain["layers.0.down"].module.residual_weight())
+    assert not torch.allclose(absorbed["layers.1.down"].module.residual_weight(), plain["layers.1.down"].module.residual_weight())
+    assert err_absorbed < err_plain
+    # Its reported error is the block output's (larger: it includes the stream's error).
+    assert absorbed["layers.1.down"].error_before > plain["layers.1.down"].error_before
+
+
+def test_residual_source_names_the_norm_opening_each_sublayer(tiny_model_dir):
+    from eora_export.models import load_model, residual_source
+
+    model, _ = load_model(tiny_model_dir)
+    assert residual_source("model.layers.1.self_attn.o_proj", model) == "model.layers.1.input_layernorm"
+    assert residual_source("model.layers.0.mlp.down_proj", model) == "model.layers.0.post_attention_layernorm"
+    assert residual_source("self_attn.o_proj", model.model.layers[0]) == "input_layernorm"
+    assert residual_source("model.layers.0.self_attn.q_proj", model) is None
+    assert residual_source("model.layers.0.mlp.up_proj", model) is None

@@ -106,6 +106,26 @@ def test_error_feedback_method_runs_through_the_pipeline(tiny_model_dir, tmp_pat
     assert "compressed+eora-fb" in result.report["perplexity"]
     assert all(r.rank == 8 and r.error_after < r.error_before for r in result.modules.values())
     assert result.report["sizes"]["factor_bytes_by_method"]["eora-fb"] > 0
+    # Through the engine's block host too, o_proj and down_proj absorb the residual stream's error:
+    # block 0 up to its MLP sees no stream error yet (fits unchanged); its down_proj and every later
+    # o/down absorb one (fits differ).
+    from dataclasses import replace
+
+    from eora_export.compensate.feedback import feedback_block
+    from eora_export.methods import METHODS
+
+    method = METHODS["eora-fb"]
+    METHODS["eora-fb"] = replace(method, compensate=lambda i, c, r: feedback_block(i, c, r, residual=False))
+    try:
+        plain = run(_small_cfg(tiny_model_dir, tmp_path / "plain", method="eora-fb", ood_file="none"), progress=False)
+    finally:
+        METHODS["eora-fb"] = method
+    for name, r in result.modules.items():
+        same = torch.equal(r.module.residual_weight(), plain.modules[name].module.residual_weight())
+        if name.startswith("model.layers.0.") and not name.endswith("down_proj"):
+            assert same, name
+        elif name.endswith(("o_proj", "down_proj")):
+            assert not same, name
 
 
 def test_rank_budget_spreads_ranks_within_the_bytes_of_uniform_rank(tiny_model_dir, tmp_path):

@@ -115,7 +115,9 @@ def main() -> None:
         elif method in ("none", "svd", "eora"):
             res = compensate_layers(compressed, grams, CompensationConfig(**{**cfg.__dict__, "method": method}), biases, False)
         elif method.startswith("eora-fb"):
-            # eora-fb[-alt][-block|-budget][#rounds][@shrink][~damp]; -budget: ranks allocated as eora-budget, then the walk.
+            # eora-fb[-nores][-alt][-block|-budget][#rounds][@shrink][~damp]; -budget: ranks allocated as
+            # eora-budget, then the walk; -nores: o/down do not absorb the residual stream's error (the CLI does).
+            residual = "-nores" not in spec
             spec, _, shrink = spec.partition("@")
             spec, _, rounds = spec.partition("#")
             unit = "block" if spec.endswith("-block") else "input"
@@ -127,7 +129,7 @@ def main() -> None:
             # -alt[#rounds]: the compressor's codes re-fitted in turn with the factors (--method eora-fb-alt).
             fit = feedback_alternate_fit(setting_run(args.setting), int(rounds or ROUNDS)) if "-alt" in spec else None
             res = feedback_compensate_model(c_model, compressed, grams.owner, calib, cfg, biases, 8, unit,
-                                            float(shrink or 0), damp, ranks, fit)
+                                            float(shrink or 0), damp, ranks, fit, residual)
         elif spec.startswith("eora-budget"):
             # eora-budget[-rel]: the bytes of uniform --rank EoRA, spread by validation gain per byte.
             res = run_budget(compressed, grams, collect_grams(fp_model, linears, val, 8, False), cfg, biases,

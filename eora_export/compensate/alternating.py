@@ -30,7 +30,7 @@ from ..methods import BlockInputs, Method, register
 from ..quant import QuantizedMatrix, quantize
 from .apply import CompensationConfig, FitMetric, LayerResult, compensate_layers, factor_module
 from .eora import eora_factors_from_whitened
-from .feedback import LayerFit, PairedGrams, feedback_block, whiten_pinv
+from .feedback import LayerFit, PairedGrams, feedback_block, linear_term, paired_error, whiten_pinv
 
 ROUNDS = 3  # compressor/factor rounds after plain EoRA (measured on the demo: README, Recovery methods)
 # eora-fb-alt's ridge, in units of mean(diag G_c) (its pull is toward W, not toward W_c as in eora-fb).
@@ -87,7 +87,7 @@ def feedback_target_weight(w: torch.Tensor, g: PairedGrams) -> torch.Tensor:
     """
     w = w.to(torch.float64)
     delta = g.damp * float(g.gram_c.diagonal().mean())
-    return g.root.unwhiten_rows(whiten_pinv(w @ g.cross.to(torch.float64) + delta * w, g.root))
+    return g.root.unwhiten_rows(whiten_pinv(linear_term(w, g.cross, g.resid) + delta * w, g.root))
 
 
 def feedback_alternate_fit(run, rounds: int = ROUNDS) -> LayerFit:
@@ -106,10 +106,9 @@ def feedback_alternate_fit(run, rounds: int = ROUNDS) -> LayerFit:
             raise ValueError("eora-fb-alt takes no shrink")
         w = cl.reference.double()
         t = feedback_target_weight(w, g)
-        gram_fp, cross, gram_c = (x.to(torch.float64) for x in (g.gram_fp, g.cross, g.gram_c))
 
         def undamped(w_hat: torch.Tensor) -> float:
-            return float(((w @ gram_fp) * w).sum() - 2 * ((w @ cross) * w_hat).sum() + ((w_hat @ gram_c) * w_hat).sum())
+            return paired_error(w, w_hat, g.gram_fp, g.cross, g.gram_c, g.resid)
 
         current, factors = cl, None
         best = best_hat = None

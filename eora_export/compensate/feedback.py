@@ -17,6 +17,11 @@ G_c metric. With a root G_c = R Rᵀ, ΔW_eff R = W C R⁺ᵀ − W_c R: the pse
 ever divides by the root's kept √λ (same eps rule as :func:`eora.gram_root`), never by an
 unchecked eigenvalue. When X_c = X_fp (C = G_c) this is exactly EoRA on W − W_c.
 
+With ``residual`` the target also carries the residual stream: a Linear whose output is added to
+it (o_proj, down_proj) is fitted to W X_fp + E, E = R_fp − R_c the residual stream's own error
+at that addition (what upstream compression left there), so the block's output, not only the
+Linear's, is matched: the linear term gains D = E X_cᵀ / N [out, in] and nothing else changes.
+
 ``shrink`` (0 ≤ s ≤ 1) blends the target toward plain EoRA: ΔW_s = (1 − s) ΔW_eff + s ΔW
 (both in the G_c metric). s = 0 is full feedback; the driver in tools/ measures it.
 """
@@ -33,15 +38,21 @@ from torch import Tensor
 
 from ..eora_linear import EoraLinear
 from ..methods import BlockInputs, Method, register
-from ..models import set_module
+from ..models import residual_source, set_module
 from .apply import CompensationConfig, FitMetric, LayerResult, factor_module, swapped
 from .eora import GramRoot, _check_rank, check_finite, eora_factors_from_whitened, gram_root
+from .paired_inputs import PairedInputs, Residual, shared_inputs
 
 # Ridge of the feedback regression, in units of mean(diag G_c); see feedback_target. Chosen on the
 # demo's validation split (calibration windows never fitted on) among 0.001, 0.003, 0.01, 0.03 with
 # --rank-budget 32: 0.003 was best or tied on INT4 RTN, SparseGPT 2:4 and INT3 GPTQ; 0 (no ridge)
 # was far worse than plain EoRA (tools/recovery_experiments.py, README "Recovery methods").
 DEFAULT_DAMP = 0.003
+# o_proj and down_proj also absorb the residual stream's error (module docstring). Measured on the
+# demo with --rank-budget 32, 4-bit factors, KL recovered on the validation split without -> with:
+# eora-fb-alt after INT4 RTN 91.4 -> 93.4%, SparseGPT 2:4 87.6 -> 90.8%, INT3 GPTQ 74.6 -> 79.9%;
+# eora-fb after INT3 GPTQ 72.3 -> 76.7% (tools/recovery_experiments.py; README, Recovery methods).
+ABSORB_RESIDUAL = True
 
 
 def whiten_pinv(x: Tensor, root: GramRoot) -> Tensor:
@@ -54,6 +65,27 @@ def whiten_pinv(x: Tensor, root: GramRoot) -> Tensor:
         # x L⁻ᵀ = (L⁻¹ xᵀ)ᵀ
         return torch.linalg.solve_triangular(root.chol, x.T, upper=False).T
     return (x @ root.basis) / root.sqrt_eig
+
+
+def linear_term(w: Tensor, cross: Tensor, resid: Residual | None) -> Tensor:
+    """Y X_cᵀ / N for the target Y = W X_fp (+ E): W C (+ D) ``[out, in]`` float64."""
+    y = w.to(torch.float64) @ cross.to(torch.float64)
+    return y if resid is None else y + resid.cross_c
+
+
+def target_energy(w: Tensor, gram_fp: Tensor, resid: Residual | None) -> float:
+    """‖Y‖² / N for Y = W X_fp (+ E)."""
+    w = w.to(torch.float64)
+    energy = float(((w @ gram_fp.to(torch.float64)) * w).sum())
+    return energy if resid is None else energy + resid.sq + 2 * float((w * resid.cross_fp).sum())
+
+
+def paired_error(w: Tensor, w_hat: Tensor, gram_fp: Tensor, cross: Tensor, gram_c: Tensor,
+                 resid: Residual | None = None) -> float:
+    """‖Y − Ŵ X_c‖² / N, Y = W X_fp (+ E), for w, w_hat [out, in]."""
+    w_hat = w_hat.to(torch.float64)
+    return (target_energy(w, gram_fp, resid) - 2 * float((linear_term(w, cross, resid) * w_hat).sum())
+            + float(((w_hat @ gram_c.to(torch.float64)) * w_hat).sum()))
 
 
 @dataclass(frozen=True)
@@ -77,7 +109,7 @@ class FeedbackTarget:
 
 def feedback_target(
     w: Tensor, w_c: Tensor, gram_fp: Tensor, cross: Tensor, gram_c: Tensor,
-    root: GramRoot | None = None, shrink: float = 0.0, damp: float = 0.0,
+    root: GramRoot | None = None, shrink: float = 0.0, damp: float = 0.0, resid: Residual | None = None,
 ) -> FeedbackTarget:
     """Whitened effective error for error-feedback EoRA.
 
@@ -88,6 +120,7 @@ def feedback_target(
     follows directions the calibration barely excites (tiny λ), its factors get huge entries
     there and 4-bit factor quantization wrecks them (measured on the demo: worse than EoRA).
     root: a precomputed root of G_c + δI (share it between Linears reading the same input).
+    resid: the residual stream's error at this Linear's output (module docstring).
     """
     if not 0.0 <= shrink <= 1.0:
         raise ValueError(f"shrink must be in [0, 1], got {shrink}")
@@ -98,12 +131,10 @@ def feedback_target(
     w, w_c = w.to(torch.float64), w_c.to(torch.float64)
     gram_fp, cross, gram_c = (g.to(torch.float64) for g in (gram_fp, cross, gram_c))
     root = root if root is not None else gram_root(damped(gram_c, damp))
-    w_cross = w @ cross  # W C [out, in]
-    p = w_cross - w_c @ gram_c  # Y X_cᵀ / N: the objective's linear term
+    p = linear_term(w, cross, resid) - w_c @ gram_c  # (Y − W_c X_c) X_cᵀ / N: the objective's linear term
     m_star = whiten_pinv(p, root)
     m = m_star if not shrink else (1.0 - shrink) * m_star + shrink * root.whiten(w - w_c)
-    # f(0) = tr(W G_fp Wᵀ) − 2 tr(W C W_cᵀ) + tr(W_c G_c W_cᵀ)
-    before = float(((w @ gram_fp) * w).sum() - 2 * (w_cross * w_c).sum() + ((w_c @ gram_c) * w_c).sum())
+    before = paired_error(w, w_c, gram_fp, cross, gram_c, resid)  # f(0)
     floor = before - float((m_star * m_star).sum()) if not damp else float("nan")
     return FeedbackTarget(m_star, m, root, max(before, 0.0), floor, p, gram_c)
 
@@ -118,8 +149,8 @@ def damped(gram: Tensor, damp: float) -> Tensor:
 
 
 def feedback_error(t: FeedbackTarget, b: Tensor | None = None, a: Tensor | None = None) -> float:
-    """f(B A) = ‖W X_fp − (W_c + B A) X_c‖² / N for b [out, r], a [r, in] (the undamped objective):
-    f(0) − 2⟨B A, P⟩ + tr(B A G_c Aᵀ Bᵀ), P = W C − W_c G_c; costs r · in · (out + in)."""
+    """f(B A) = ‖Y − (W_c + B A) X_c‖² / N, Y = W X_fp (+ E), for b [out, r], a [r, in] (the undamped
+    objective): f(0) − 2⟨B A, P⟩ + tr(B A G_c Aᵀ Bᵀ), P = (Y − W_c X_c) X_cᵀ / N; costs r · in · (out + in)."""
     if b is None:
         return t.before
     b, a = b.to(torch.float64), a.to(torch.float64)
@@ -131,12 +162,13 @@ def feedback_error(t: FeedbackTarget, b: Tensor | None = None, a: Tensor | None 
 def feedback_factors(
     w: Tensor, w_c: Tensor, gram_fp: Tensor, cross: Tensor, gram_c: Tensor, rank: int,
     root: GramRoot | None = None, fast: bool = False, shrink: float = 0.0, damp: float = 0.0,
+    resid: Residual | None = None,
 ) -> tuple[Tensor, Tensor, FeedbackTarget]:
-    """Rank-``rank`` B [out, rank], A [rank, in] (float64) minimising ‖W X_fp − (W_c + BA) X_c‖²/N
-    (shrink = 0), plus the target to measure any factors with (:func:`feedback_error`).
+    """Rank-``rank`` B [out, rank], A [rank, in] (float64) minimising ‖W X_fp (+ E) − (W_c + BA) X_c‖²/N
+    (shrink = 0; E with ``resid``), plus the target to measure any factors with (:func:`feedback_error`).
     """
     _check_rank(w, rank)
-    t = feedback_target(w, w_c, gram_fp, cross, gram_c, root, shrink, damp)
+    t = feedback_target(w, w_c, gram_fp, cross, gram_c, root, shrink, damp, resid)
     b, a = eora_factors_from_whitened(t.m, t.root, rank, fast=fast)
     return b, a, t
 
@@ -145,7 +177,9 @@ def feedback_factors(
 class PairedGrams:
     """One shared input's statistics over the same calibration tokens, all [in, in] float64:
     G_fp = X_fp X_fpᵀ / N, C = X_fp X_cᵀ / N, G_c = X_c X_cᵀ / N; ``hessian`` = G_c + δI with
-    δ = ``damp`` · mean(diag G_c) (:func:`damped`), formed once per shared input, and its ``root``."""
+    δ = ``damp`` · mean(diag G_c) (:func:`damped`), formed once per shared input, and its ``root``;
+    ``resid``: the residual stream's error at the output of a Linear reading this input alone
+    (o_proj, down_proj; :meth:`PairedInputs.residual`), else None."""
 
     gram_fp: Tensor
     cross: Tensor
@@ -153,6 +187,7 @@ class PairedGrams:
     hessian: Tensor
     root: GramRoot
     damp: float
+    resid: Residual | None = None
     cache: dict = field(default_factory=dict, compare=False, repr=False)  # FitMetric's, for G_c + δI
 
 
@@ -166,9 +201,10 @@ def fit_factors(name: str, cl, g: PairedGrams, rank: int, cfg: CompensationConfi
     the undamped objective f (:func:`feedback_error`)."""
     w, w_c = cl.reference.double(), cl.weight.dequantize().double()
     if rank == 0:
-        target = feedback_target(w, w_c, g.gram_fp, g.cross, g.gram_c, g.root, shrink, g.damp)
+        target = feedback_target(w, w_c, g.gram_fp, g.cross, g.gram_c, g.root, shrink, g.damp, g.resid)
         return LayerResult(EoraLinear(cl.weight, bias=bias, sparse24=cl.sparse24), 0, target.before, target.before)
-    b, a, target = feedback_factors(w, w_c, g.gram_fp, g.cross, g.gram_c, rank, g.root, cfg.fast, shrink, g.damp)
+    b, a, target = feedback_factors(w, w_c, g.gram_fp, g.cross, g.gram_c, rank, g.root, cfg.fast, shrink, g.damp,
+                                    g.resid)
     module = factor_module(cl, b, a, cfg, bias, FitMetric(target.m, g.root, g.hessian, g.cache))
     return LayerResult(module, rank, target.before, feedback_error(target, module.b.double(), module.a.double()))
 
@@ -177,77 +213,6 @@ def fit_factors(name: str, cl, g: PairedGrams, rank: int, cfg: CompensationConfi
 # The walk: layer groups in forward order, each fitted on the inputs its compensated
 # upstream produces.
 # --------------------------------------------------------------------------------------
-
-
-class _StopForward(Exception):
-    """Raised by a hook once the inputs of the group being fitted are seen (the rest of the
-    forward cannot change them)."""
-
-
-class PairedInputs:
-    """Forward pre-hooks that accumulate G_fp, C = X_fp X_cᵀ and G_c over the same tokens.
-
-    ``fp_mods`` / ``c_mods``: one module per shared-input key (any Linear reading it), in the
-    FP and in the compressed model. Per batch run the FP forward first (it stores X_fp), then
-    the compressed one on the same ids (it accumulates). ``stop``: abort each forward once
-    every key has been seen in it, so a walk over a deep model does not pay full forwards.
-    """
-
-    def __init__(self, fp_mods: dict[str, torch.nn.Module], c_mods: dict[str, torch.nn.Module], stop: bool = True) -> None:
-        self.keys = list(fp_mods)
-        self.fp_mods, self.c_mods, self.stop = fp_mods, c_mods, stop
-        n = {k: m.in_features if hasattr(m, "in_features") else m.weight.shape[1] for k, m in fp_mods.items()}
-        self.gram_fp = {k: torch.zeros(n[k], n[k], dtype=torch.float64) for k in self.keys}
-        self.cross = {k: torch.zeros(n[k], n[k], dtype=torch.float64) for k in self.keys}
-        self.gram_c = {k: torch.zeros(n[k], n[k], dtype=torch.float64) for k in self.keys}
-        self.tokens = 0
-        self._x_fp: dict[str, Tensor] = {}
-        self._seen: set[str] = set()
-
-    def _hook(self, key: str, side: str):
-        def hook(_m: torch.nn.Module, args: tuple) -> None:
-            flat = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64)
-            if side == "fp":
-                self._x_fp[key] = flat
-                self.gram_fp[key].addmm_(flat.T, flat)
-            else:
-                x_fp = self._x_fp.pop(key)
-                if x_fp.shape != flat.shape:
-                    raise RuntimeError(f"feedback: FP and compressed inputs of {key} differ in shape")
-                self.cross[key].addmm_(x_fp.T, flat)
-                self.gram_c[key].addmm_(flat.T, flat)
-            self._seen.add(key)
-            if self.stop and len(self._seen) == len(self.keys):
-                raise _StopForward
-
-        return hook
-
-    def run(self, forward_fp, forward_c, batches) -> None:
-        """``forward_fp(batch)``, ``forward_c(batch)`` for every batch, hooks attached."""
-        handles = [m.register_forward_pre_hook(self._hook(k, "fp")) for k, m in self.fp_mods.items()]
-        handles += [m.register_forward_pre_hook(self._hook(k, "c")) for k, m in self.c_mods.items()]
-        try:
-            for batch in batches:
-                for fwd in (forward_fp, forward_c):
-                    self._seen.clear()
-                    try:
-                        fwd(batch)
-                    except _StopForward:
-                        pass
-                self.tokens += _batch_tokens(batch)
-        finally:
-            for h in handles:
-                h.remove()
-            self._x_fp.clear()
-
-    def grams(self, key: str) -> tuple[Tensor, Tensor, Tensor]:
-        """(G_fp, C, G_c) per token for one key, [in, in] float64."""
-        n = max(self.tokens, 1)
-        return self.gram_fp[key] / n, self.cross[key] / n, self.gram_c[key] / n
-
-
-def _batch_tokens(batch: Tensor) -> int:
-    return int(batch.shape[0] * batch.shape[1]) if batch.ndim >= 2 else int(batch.numel())
 
 
 @torch.no_grad()
@@ -266,6 +231,7 @@ def feedback_walk(
     damp: float = DEFAULT_DAMP,
     ranks: dict[str, int] | None = None,
     fit: LayerFit | None = None,
+    residual: Callable[[str], tuple[torch.nn.Module, torch.nn.Module] | None] | None = None,
 ) -> dict[str, LayerResult]:
     """Error-feedback EoRA over ``units`` in forward order.
 
@@ -279,6 +245,8 @@ def feedback_walk(
     (e.g. from :func:`ranks.budget_compensate`; 0: no factors) instead of cfg.rank.
     fit: what one Linear gets from its paired Grams (default :func:`fit_factors`, EoRA-fb's
     closed form; ``--method eora-fb-alt`` also re-compresses the weight).
+    residual(name): the (FP, compressed) modules whose input is the residual stream the Linear's
+    output is added to, or None; given, such a Linear also absorbs that stream's error.
     """
     biases = biases or {}
     fit = fit or fit_factors
@@ -286,56 +254,23 @@ def feedback_walk(
     for unit in units:
         # One hooked module per distinct input tensor: Linears reading the same input share
         # G_fp, C, G_c (found by identity, as calibration.GramCollector does).
-        keys = _shared_inputs(unit, fp_modules, forward_fp, next(iter(batches())))
-        paired = PairedInputs({k: fp_modules[k] for k in keys}, {k: c_module(k) for k in keys})
+        keys = shared_inputs(unit, fp_modules, forward_fp, next(iter(batches())))
+        # A stream's error has the width of one output: only a Linear reading its input alone takes it.
+        streams = {k: residual(names[0]) for k, names in keys.items() if residual and len(names) == 1}
+        paired = PairedInputs({k: fp_modules[k] for k in keys}, {k: c_module(k) for k in keys},
+                              residuals={k: m for k, m in streams.items() if m is not None})
         paired.run(forward_fp, forward_c, batches())
         for key, names in keys.items():
             gram_fp, cross, gram_c = paired.grams(key)
             hessian = damped(gram_c, damp)
-            shared = PairedGrams(gram_fp, cross, gram_c, hessian, gram_root(hessian, fast=cfg.fast), damp)
+            shared = PairedGrams(gram_fp, cross, gram_c, hessian, gram_root(hessian, fast=cfg.fast), damp,
+                                 paired.residual(key))
             for name in names:
                 rank = min(cfg.rank if ranks is None else ranks[name], *compressed[name].reference.shape)
                 results[name] = fit(name, compressed[name], shared, rank, cfg, biases.get(name), shrink)
         for name in unit:
             install(name, results[name].module)
     return results
-
-
-@torch.no_grad()
-def _shared_inputs(
-    unit: list[str], fp_modules: dict[str, torch.nn.Module], forward_fp: Callable[[Tensor], object], batch: Tensor
-) -> dict[str, list[str]]:
-    """Group ``unit``'s Linears by the tensor they read (one FP forward of ``batch``)."""
-    seen: dict[int, tuple[Tensor, str]] = {}
-    owner: dict[str, str] = {}
-
-    def hook_for(name: str):
-        def hook(_m: torch.nn.Module, args: tuple) -> None:
-            x = args[0]
-            hit = seen.get(id(x))
-            owner[name] = hit[1] if hit is not None and hit[0] is x else name
-            if hit is None:
-                seen[id(x)] = (x, name)
-            if len(owner) == len(unit):
-                raise _StopForward
-
-        return hook
-
-    handles = [fp_modules[n].register_forward_pre_hook(hook_for(n)) for n in unit]
-    try:
-        forward_fp(batch)
-    except _StopForward:
-        pass
-    finally:
-        for h in handles:
-            h.remove()
-    missing = [n for n in unit if n not in owner]
-    if missing:
-        raise RuntimeError(f"feedback: {missing[0]} was not called by the forward")
-    groups: dict[str, list[str]] = {}
-    for name in unit:
-        groups.setdefault(owner[name], []).append(name)
-    return groups
 
 
 FEEDBACK_UNITS = ("input", "block")
@@ -375,6 +310,7 @@ def feedback_compensate_model(
     damp: float = DEFAULT_DAMP,
     ranks: dict[str, int] | None = None,
     fit: LayerFit | None = None,
+    residual: bool = ABSORB_RESIDUAL,
 ) -> dict[str, LayerResult]:
     """Error-feedback EoRA for a whole in-memory model (tools/recovery_experiments.py and tests; runs
     give ``--method eora-fb`` through :func:`feedback_block`, one decoder block at a time).
@@ -393,8 +329,19 @@ def feedback_compensate_model(
             walk_units(list(compressed), unit, owner), compressed, fp_linears, model.get_submodule,
             lambda n, m: set_module(model, n, m), fp, model,
             lambda: [calib[i : i + batch_size] for i in range(0, calib.shape[0], batch_size)],
-            cfg, biases, shrink, damp, ranks, fit,
+            cfg, biases, shrink, damp, ranks, fit, residual_pair(fp, model) if residual else None,
         )
+
+
+def residual_pair(fp: torch.nn.Module, c: torch.nn.Module) -> Callable[[str], tuple[torch.nn.Module, torch.nn.Module] | None]:
+    """name -> (FP, compressed) module whose input is the residual stream the Linear adds to
+    (:func:`models.residual_source`), for ``feedback_walk``'s ``residual``."""
+
+    def pair(name: str) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+        source = residual_source(name, fp)
+        return None if source is None else (fp.get_submodule(source), c.get_submodule(source))
+
+    return pair
 
 
 @dataclass
@@ -414,11 +361,14 @@ class _Pair:
 
 
 def feedback_block(inputs: BlockInputs, comp: CompensationConfig, ranks: dict[str, int] | None,
-                   fit: LayerFit | None = None, damp: float = DEFAULT_DAMP) -> dict[str, LayerResult]:
+                   fit: LayerFit | None = None, damp: float = DEFAULT_DAMP,
+                   residual: bool = ABSORB_RESIDUAL) -> dict[str, LayerResult]:
     """``--method eora-fb`` on one decoder block: each shared-input group of Linears fitted to the
     FP block's outputs from the inputs its path really gets (``inputs.own_inputs``: what the
     compressed and compensated upstream blocks produce; inside the block, the groups before it
-    already compensated). The FP side is a copy of the block with its reference weights."""
+    already compensated). The FP side is a copy of the block with its reference weights.
+    residual: o_proj and down_proj are fitted to the block's FP residual stream as well
+    (:data:`ABSORB_RESIDUAL`)."""
     host, bs = inputs.host, inputs.run.batch_size
     fp = copy.deepcopy(host)
     fp_linears = {n: fp.get_submodule(n) for n in inputs.compressed}
@@ -430,8 +380,9 @@ def feedback_block(inputs: BlockInputs, comp: CompensationConfig, ranks: dict[st
             walk_units(list(inputs.compressed), "input", inputs.grams.owner), inputs.compressed, fp_linears,
             host.get_submodule, lambda n, m: set_module(host, n, m), lambda b: fp(b.fp), lambda b: host(b.c),
             lambda: batches, comp, inputs.biases, damp=damp, ranks=ranks, fit=fit,
+            residual=residual_pair(fp, host) if residual else None,
         )
 
 
 register(Method("eora-fb", "error-feedback EoRA: each layer fitted to the FP outputs from the inputs its compressed and "
-                "compensated upstream produces", feedback_block, own_stream=True, allocates=True))
+                "compensated upstream produces (o/down: to the FP residual stream too)", feedback_block, own_stream=True, allocates=True))
