@@ -283,6 +283,27 @@ def test_an_error_caused_by_the_interrupt_still_reports_an_interrupt(tiny_model_
     assert main(["--model", str(tiny_model_dir), "--out", str(out), "--quiet"]) == 130
     assert capsys.readouterr().err.strip().splitlines() == ["eora-export: interrupted; no partial output was written"]
     assert not out.exists()
+    # Ctrl-C inside transformers' lazy import, which preflight reports in our words as a tokenizer that
+    # "does not load" (seed 306773924 of the random-signal test): still 130, not bad input (4).
+    from eora_export.errors import BadInput
+
+    def interrupted_tokenizer(cfg, progress=True, **_kw):
+        try:
+            _on_signal(signal.SIGINT, None)
+        except KeyboardInterrupt:
+            raise BadInput("the tokenizer in X does not load (ModuleNotFoundError: ...); re-download the model") from None
+
+    monkeypatch.setattr("eora_export.engine.run", interrupted_tokenizer)
+    assert main(["--model", str(tiny_model_dir), "--out", str(out), "--quiet"]) == 130
+    assert capsys.readouterr().err.strip().splitlines() == ["eora-export: interrupted; no partial output was written"]
+    # Ctrl-C while the command line was still being imported (eora_export.cli's own handler noted it; a
+    # library may have swallowed the KeyboardInterrupt): an interrupt, before anything starts.
+    from eora_export.cli import EARLY_SIGNALS
+
+    EARLY_SIGNALS.append(signal.SIGINT)
+    assert main(["--model", str(tiny_model_dir), "--out", str(out), "--quiet"]) == 130
+    assert capsys.readouterr().err.strip().splitlines() == ["eora-export: interrupted; no partial output was written"]
+    assert EARLY_SIGNALS == [] and not out.exists()
     # The next run starts clean: an ordinary internal error is reported as one.
     monkeypatch.setattr("eora_export.engine.run", lambda cfg, progress=True: (_ for _ in ()).throw(ImportError("x")))
     assert main(["--model", str(tiny_model_dir), "--out", str(out), "--quiet"]) == 70

@@ -42,6 +42,12 @@ def main(argv: list[str] | None = None) -> int:
     _signalled = False
     previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
+        from . import EARLY_SIGNALS
+
+        if EARLY_SIGNALS:  # Ctrl-C while the command line was being imported: nothing started yet
+            EARLY_SIGNALS.clear()
+            print("eora-export: interrupted; no partial output was written", file=sys.stderr)
+            return Interrupted.exit_code
         return _main(argv, debug)
     finally:
         for sig, handler in previous.items():
@@ -61,6 +67,11 @@ def _main(argv: list[str], debug: bool) -> int:
             hf_logging.disable_progress_bar()
         return run(args)
     except EoraError as e:
+        if _signalled:
+            # The interrupt landed inside code whose failure we report in our own words (transformers'
+            # lazy import turns it into "Could not import module", preflight into "does not load"):
+            # it is still an interrupt, not bad input.
+            return _interrupted(debug)
         if debug:
             raise
         if not _duplicate_on_this_node():
