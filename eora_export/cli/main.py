@@ -50,8 +50,11 @@ def main(argv: list[str] | None = None) -> int:
             return Interrupted.exit_code
         return _main(argv, debug)
     finally:
+        from . import _early_interrupt
+
         for sig, handler in previous.items():
-            signal.signal(sig, handler)
+            # The import-time handler has done its job: afterwards Ctrl-C is Python's again.
+            signal.signal(sig, signal.default_int_handler if handler is _early_interrupt else handler)
 
 
 def _main(argv: list[str], debug: bool) -> int:
