@@ -77,8 +77,7 @@ def _main(argv: list[str], debug: bool) -> int:
             return _interrupted(debug)
         if debug:
             raise
-        if not _duplicate_on_this_node():
-            print(f"eora-export: error: {e}", file=sys.stderr)
+        print(f"eora-export: error: {e}", file=sys.stderr)
         return e.exit_code
     except BrokenPipeError:
         # `eora-export inspect X | head`: the reader left; nothing to report.
@@ -105,16 +104,6 @@ def _main(argv: list[str], debug: bool) -> int:
             raise
         print(f"eora-export: internal error: {type(e).__name__}: {e} (rerun with --debug and report it)", file=sys.stderr)
         return INTERNAL_ERROR_EXIT_CODE
-
-
-def _duplicate_on_this_node() -> bool:
-    """Under torchrun, an error every process of this node hit the same way (before any of them
-    began its own share) is printed by local rank 0 only; each process still exits with its code."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or os.environ.get("LOCAL_RANK", "0") == "0":
-        return False
-    from ..engine.distributed import own_share_started
-
-    return not own_share_started()
 
 
 def _interrupted(debug: bool) -> int:

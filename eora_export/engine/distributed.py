@@ -171,21 +171,10 @@ def fp_chain(ranks: Ranks, src, cfg, plan: Plan, blocks: range, first: Callable[
     return inputs
 
 
-_OWN_SHARE = [False]  # whether this process has begun work that differs between ranks
-
-
-def own_share_started() -> bool:
-    """Whether this process has begun its own share of a torchrun launch. Before that every
-    process of a node runs the same checks on the same arguments and files, so an error then is
-    one error, printed once per node (cli.main), not once per rank."""
-    return _OWN_SHARE[0]
-
-
 def walk_ranks(ranks: Ranks, src, cfg, plan: Plan, first_streams: Callable[[], dict[str, Tensor]], folder, fp: dict,
                progress: bool, on_block_done=None, tag: str = "", desc: str = "blocks") -> tuple[dict | None, dict]:
     """This rank's share of one walk; returns (the paths after the last block on the last rank,
     else None; this rank's manifest)."""
-    _OWN_SHARE[0] = True
     blocks = block_range(src.num_layers, ranks)
     work = WorkFolder(folder, tag + ranks.tag())
     manifest = work.start(fp, src.num_layers, cfg.resume, first_block=blocks.start)
