@@ -84,7 +84,8 @@ def test_shrink_one_is_plain_eora_in_the_compressed_metric():
 
 
 class _Toy(nn.Module):
-    """Two blocks of (shared-input pair, then one Linear): enough for units and shared inputs."""
+    """Two blocks of (shared-input pair, then one Linear): enough for units and shared inputs. Each
+    block opens with a module reading the residual stream (an identity ``norm``, as Llama's norms do)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -97,24 +98,32 @@ class _Toy(nn.Module):
             blk.down = nn.Linear(64, 32, bias=False)
             for lin in (blk.up, blk.gate, blk.down):
                 lin.weight.data = torch.randn(lin.weight.shape, generator=g) / lin.in_features**0.5
+            blk.norm = nn.Identity()
             self.layers.append(blk)
 
     def forward(self, x):
         for blk in self.layers:
-            x = x + blk.down(torch.nn.functional.silu(blk.gate(x)) * blk.up(x))
+            h = blk.norm(x)
+            x = x + blk.down(torch.nn.functional.silu(blk.gate(h)) * blk.up(h))
         return x
 
 
-def test_walk_first_unit_is_plain_eora_and_later_units_use_feedback():
-    torch.manual_seed(0)
+def _toy_case(seed: int, windows: int):
+    """An FP toy, its 3-bit RTN copy, the FP Linears, calibration [windows, 16, 32], its Grams, the compressed layers."""
+    torch.manual_seed(seed)
     fp = _Toy().eval()
     c = _Toy().eval()
     c.load_state_dict(fp.state_dict())
     lin = {n: m for n, m in fp.named_modules() if isinstance(m, nn.Linear)}
-    calib = torch.randn(64, 16, 32)
+    calib = torch.randn(windows, 16, 32)
     grams = collect_grams(fp, lin, calib, 8, False)
-    assert grams.owner["layers.0.gate"] == grams.owner["layers.0.up"]
     compressed = compress_model(c, {n: c.get_submodule(n) for n in lin}, grams, CompressConfig(quant="rtn", bits=3, group_size=32), calib)
+    return fp, c, lin, calib, grams, compressed
+
+
+def test_walk_first_unit_is_plain_eora_and_later_units_use_feedback():
+    fp, c, lin, calib, grams, compressed = _toy_case(0, 64)
+    assert grams.owner["layers.0.gate"] == grams.owner["layers.0.up"]
     cfg = CompensationConfig(rank=4, lowrank_bits=16)
     units = walk_units(list(compressed), "input", grams.owner)
     assert units == [["layers.0.up", "layers.0.gate"], ["layers.0.down"], ["layers.1.up", "layers.1.gate"], ["layers.1.down"]]
@@ -141,14 +150,7 @@ def test_walk_first_unit_is_plain_eora_and_later_units_use_feedback():
 
 
 def test_walk_takes_per_layer_ranks_and_damping_keeps_factors_tame():
-    torch.manual_seed(1)
-    fp = _Toy().eval()
-    c = _Toy().eval()
-    c.load_state_dict(fp.state_dict())
-    lin = {n: m for n, m in fp.named_modules() if isinstance(m, nn.Linear)}
-    calib = torch.randn(32, 16, 32)
-    grams = collect_grams(fp, lin, calib, 8, False)
-    compressed = compress_model(c, {n: c.get_submodule(n) for n in lin}, grams, CompressConfig(quant="rtn", bits=3, group_size=32), calib)
+    fp, c, lin, calib, grams, compressed = _toy_case(1, 32)
     for n, cl in compressed.items():
         set_module(c, n, EoraLinear(cl.weight, sparse24=cl.sparse24))
     ranks = dict.fromkeys(compressed, 8) | {"layers.0.down": 0, "layers.1.up": 16}
@@ -284,31 +286,8 @@ def test_residual_term_fits_the_sum_with_the_stream_error():
     assert objective(t_w - w_c) <= objective(t_w - w_c + 1e-3 * torch.randn(*w.shape, generator=gen, dtype=F64))
 
 
-class _NormToy(_Toy):
-    """_Toy with a named module that opens each block, reading the residual stream (as Llama's norms do)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        for blk in self.layers:
-            blk.norm = nn.Identity()
-
-    def forward(self, x):
-        for blk in self.layers:
-            h = blk.norm(x)
-            x = x + blk.down(torch.nn.functional.silu(blk.gate(h)) * blk.up(h))
-        return x
-
-
 def test_walk_with_residual_absorbs_the_stream_error_end_to_end():
-    torch.manual_seed(2)
-    fp = _NormToy().eval()
-    c = _NormToy().eval()
-    c.load_state_dict(fp.state_dict())
-    lin = {n: m for n, m in fp.named_modules() if isinstance(m, nn.Linear)}
-    calib = torch.randn(64, 16, 32)
-    grams = collect_grams(fp, lin, calib, 8, False)
-    conf = CompressConfig(quant="rtn", bits=3, group_size=32)
-    compressed = compress_model(c, {n: c.get_submodule(n) for n in lin}, grams, conf, calib)
+    fp, c, lin, calib, grams, compressed = _toy_case(2, 64)
     units = walk_units(list(compressed), "input", grams.owner)
     batches = lambda: [calib[i : i + 8] for i in range(0, 64, 8)]  # noqa: E731
     cfg = CompensationConfig(rank=8, lowrank_bits=16)

@@ -268,38 +268,32 @@ def test_atomic_writes_survive_an_interrupt_at_every_step(tmp_path, monkeypatch,
 
 
 def test_an_error_caused_by_the_interrupt_still_reports_an_interrupt(tiny_model_dir, tmp_path, monkeypatch, capsys):
-    """Ctrl-C inside a C extension's import surfaces as "ImportError: initialization failed": exit 130, not 70."""
-    from eora_export.cli import main
+    """Ctrl-C that surfaces as another error (an ImportError, or our own BadInput around it) is exit 130, not 70 or 4."""
+    from eora_export.cli import EARLY_SIGNALS, main
     from eora_export.cli.main import _on_signal
-
-    def interrupted_import(cfg, progress=True, **_kw):
-        try:
-            _on_signal(signal.SIGINT, None)
-        except KeyboardInterrupt:
-            raise ImportError("initialization failed") from None
-
-    monkeypatch.setattr("eora_export.engine.run", interrupted_import)
-    out = tmp_path / "out"
-    assert main(["--model", str(tiny_model_dir), "--out", str(out), "--quiet"]) == 130
-    assert capsys.readouterr().err.strip().splitlines() == ["eora-export: interrupted; no partial output was written"]
-    assert not out.exists()
-    # Ctrl-C inside transformers' lazy import, which preflight reports in our words as a tokenizer that
-    # "does not load" (seed 306773924 of the random-signal test): still 130, not bad input (4).
     from eora_export.errors import BadInput
 
-    def interrupted_tokenizer(cfg, progress=True, **_kw):
-        try:
-            _on_signal(signal.SIGINT, None)
-        except KeyboardInterrupt:
-            raise BadInput("the tokenizer in X does not load (ModuleNotFoundError: ...); re-download the model") from None
+    def interrupted_as(error: Exception):
+        """A run that gets Ctrl-C and lets it surface as ``error``."""
+        def fake_run(cfg, progress=True, **_kw):
+            try:
+                _on_signal(signal.SIGINT, None)
+            except KeyboardInterrupt:
+                raise error from None
 
-    monkeypatch.setattr("eora_export.engine.run", interrupted_tokenizer)
-    assert main(["--model", str(tiny_model_dir), "--out", str(out), "--quiet"]) == 130
-    assert capsys.readouterr().err.strip().splitlines() == ["eora-export: interrupted; no partial output was written"]
+        return fake_run
+
+    out = tmp_path / "out"
+    # A C extension's import: "initialization failed". Transformers' lazy import, which preflight reports
+    # in our words as a tokenizer that "does not load" (seed 306773924 of the random-signal test).
+    for error in (ImportError("initialization failed"),
+                  BadInput("the tokenizer in X does not load (ModuleNotFoundError: ...); re-download the model")):
+        monkeypatch.setattr("eora_export.engine.run", interrupted_as(error))
+        assert main(["--model", str(tiny_model_dir), "--out", str(out), "--quiet"]) == 130, error
+        assert capsys.readouterr().err.strip().splitlines() == ["eora-export: interrupted; no partial output was written"]
+        assert not out.exists()
     # Ctrl-C while the command line was still being imported (eora_export.cli's own handler noted it; a
     # library may have swallowed the KeyboardInterrupt): an interrupt, before anything starts.
-    from eora_export.cli import EARLY_SIGNALS
-
     EARLY_SIGNALS.append(signal.SIGINT)
     assert main(["--model", str(tiny_model_dir), "--out", str(out), "--quiet"]) == 130
     assert capsys.readouterr().err.strip().splitlines() == ["eora-export: interrupted; no partial output was written"]

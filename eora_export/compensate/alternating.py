@@ -30,7 +30,7 @@ from ..methods import BlockInputs, Method, register
 from ..quant import QuantizedMatrix, quantize
 from .apply import CompensationConfig, FitMetric, LayerResult, compensate_layers, factor_module
 from .eora import eora_factors_from_whitened
-from .feedback import LayerFit, PairedGrams, feedback_block, linear_term, paired_error, whiten_pinv
+from .feedback import LayerFit, PairedGrams, feedback_block, linear_term, paired_error, ridge, whiten_pinv
 
 ROUNDS = 3  # compressor/factor rounds after plain EoRA (measured on the demo: README, Recovery methods)
 # eora-fb-alt's ridge, in units of mean(diag G_c) (its pull is toward W, not toward W_c as in eora-fb).
@@ -86,8 +86,7 @@ def feedback_target_weight(w: torch.Tensor, g: PairedGrams) -> torch.Tensor:
     than toward W_c here because W_c itself is re-fitted.
     """
     w = w.to(torch.float64)
-    delta = g.damp * float(g.gram_c.diagonal().mean())
-    return g.root.unwhiten_rows(whiten_pinv(linear_term(w, g.cross, g.resid) + delta * w, g.root))
+    return g.root.unwhiten_rows(whiten_pinv(linear_term(w, g.cross, g.resid) + ridge(g.gram_c, g.damp) * w, g.root))
 
 
 def feedback_alternate_fit(run, rounds: int = ROUNDS) -> LayerFit:

@@ -84,8 +84,14 @@ def paired_error(w: Tensor, w_hat: Tensor, gram_fp: Tensor, cross: Tensor, gram_
                  resid: Residual | None = None) -> float:
     """‖Y − Ŵ X_c‖² / N, Y = W X_fp (+ E), for w, w_hat [out, in]."""
     w_hat = w_hat.to(torch.float64)
-    return (target_energy(w, gram_fp, resid) - 2 * float((linear_term(w, cross, resid) * w_hat).sum())
-            + float(((w_hat @ gram_c.to(torch.float64)) * w_hat).sum()))
+    return _expanded_error(target_energy(w, gram_fp, resid), linear_term(w, cross, resid), w_hat,
+                           w_hat @ gram_c.to(torch.float64))
+
+
+def _expanded_error(energy: float, y_cross: Tensor, w_hat: Tensor, w_hat_gram: Tensor) -> float:
+    """‖Y‖² − 2⟨Ŵ, Y X_cᵀ⟩ + ⟨Ŵ G_c, Ŵ⟩ (all / N) from its parts: ``y_cross`` = Y X_cᵀ / N and
+    ``w_hat_gram`` = Ŵ G_c, both [out, in] float64."""
+    return energy - 2 * float((y_cross * w_hat).sum()) + float((w_hat_gram * w_hat).sum())
 
 
 @dataclass(frozen=True)
@@ -131,20 +137,26 @@ def feedback_target(
     w, w_c = w.to(torch.float64), w_c.to(torch.float64)
     gram_fp, cross, gram_c = (g.to(torch.float64) for g in (gram_fp, cross, gram_c))
     root = root if root is not None else gram_root(damped(gram_c, damp))
-    p = linear_term(w, cross, resid) - w_c @ gram_c  # (Y − W_c X_c) X_cᵀ / N: the objective's linear term
+    y_cross, w_c_gram = linear_term(w, cross, resid), w_c @ gram_c
+    p = y_cross - w_c_gram  # (Y − W_c X_c) X_cᵀ / N: the objective's linear term
     m_star = whiten_pinv(p, root)
     m = m_star if not shrink else (1.0 - shrink) * m_star + shrink * root.whiten(w - w_c)
-    before = paired_error(w, w_c, gram_fp, cross, gram_c, resid)  # f(0)
+    before = _expanded_error(target_energy(w, gram_fp, resid), y_cross, w_c, w_c_gram)  # f(0)
     floor = before - float((m_star * m_star).sum()) if not damp else float("nan")
     return FeedbackTarget(m_star, m, root, max(before, 0.0), floor, p, gram_c)
 
 
+def ridge(gram: Tensor, damp: float) -> float:
+    """δ = damp · mean(diag G): the ridge of :func:`damped`, in the Gram's own scale."""
+    return damp * float(gram.diagonal().to(torch.float64).mean())
+
+
 def damped(gram: Tensor, damp: float) -> Tensor:
-    """G + δI with δ = damp · mean(diag G) ([in, in] float64)."""
+    """G + δI with δ = :func:`ridge` ([in, in] float64)."""
     if not damp:
         return gram
     g = gram.to(torch.float64, copy=True)
-    g.diagonal().add_(damp * float(g.diagonal().mean()))
+    g.diagonal().add_(ridge(g, damp))
     return g
 
 

@@ -86,6 +86,21 @@ def eora_ladder(cl, gram_fit: Tensor, gram_val: Tensor, ranks: list[int], cfg: C
     return rungs, modules
 
 
+def eora_ladders(compressed: dict, grams, val_grams, cfg: CompensationConfig, max_rank: int,
+                 damp: float = 0.0) -> tuple[dict[str, list[Rung]], dict[str, dict]]:
+    """:func:`eora_ladder` of every CompressedLinear in ``compressed`` (ranks up to ``max_rank``,
+    clamped per layer), the Linears reading one input sharing GPTQ's inverse-Hessian factor.
+    grams / val_grams: GramStore of the fitting and of the validation windows.
+    Returns (rungs by name, the rungs' EoraLinear by name and rank)."""
+    ladders, modules, caches = {}, {}, {}
+    for n, cl in compressed.items():
+        out_f, in_f = cl.weight.shape
+        ranks = ladder_ranks(min(max_rank, out_f, in_f), in_f, cfg.lowrank_bits)
+        cache = caches.setdefault(grams.owner[n], {})
+        ladders[n], modules[n] = eora_ladder(cl, grams.gram(n), val_grams.gram(n), ranks, cfg, damp, cache)
+    return ladders, modules
+
+
 def _hull(rungs: list[Rung]) -> list[Rung]:
     """The lower convex hull of (bytes, val_error) from rank 0, keeping only error-lowering rungs."""
     pts = sorted(rungs, key=lambda x: x.bytes)
@@ -189,12 +204,7 @@ def budget_compensate(
     from .apply import LayerResult
 
     biases = biases or {}
-    ladders, modules, caches = {}, {}, {}
-    for n, cl in compressed.items():
-        out_f, in_f = cl.weight.shape
-        ranks = ladder_ranks(min(max_rank or 4 * max(cfg.rank, RANK_STEP), out_f, in_f), in_f, cfg.lowrank_bits)
-        cache = caches.setdefault(grams.owner[n], {})
-        ladders[n], modules[n] = eora_ladder(cl, grams.gram(n), val_grams.gram(n), ranks, cfg, damp, cache)
+    ladders, modules = eora_ladders(compressed, grams, val_grams, cfg, max_rank or 4 * max(cfg.rank, RANK_STEP), damp)
     weights = {n: 1.0 / max(lad[0].val_error, 1e-30) for n, lad in ladders.items()} if relative else None
     chosen = allocate(ladders, budget, weights)
     out = {}

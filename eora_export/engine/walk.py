@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from ..calibration import GramStore
 from ..compensate.apply import CompensationConfig, LayerResult, swapped
-from ..compensate.ranks import eora_ladder, ladder_ranks
+from ..compensate.ranks import eora_ladders
 from ..compress import compress_model
 from ..eora_linear import EoraLinear
 from ..methods import BlockInputs, get_method
@@ -233,15 +233,8 @@ def process_block(src, index: int, streams: dict[str, Tensor], cfg, plan: Plan, 
 
 def _ladders(compressed: dict, grams, val_grams, plan: Plan) -> dict[str, list[list]]:
     """Each layer's rank ladder: [rank, factor bytes, validation error] per rung."""
-    comp = plan.comp("eora", None)
-    out, caches = {}, {}
-    for n, cl in compressed.items():
-        out_f, in_f = cl.weight.shape
-        ranks = ladder_ranks(min(plan.ladder_max, out_f, in_f), in_f, comp.lowrank_bits)
-        cache = caches.setdefault(grams.owner[n], {})  # one GPTQ inverse-Hessian factor per shared input
-        rungs, _ = eora_ladder(cl, grams.gram(n), val_grams.gram(n), ranks, comp, cache=cache)
-        out[n] = [[r.rank, r.bytes, r.val_error] for r in rungs]
-    return out
+    ladders, _ = eora_ladders(compressed, grams, val_grams, plan.comp("eora", None), plan.ladder_max)
+    return {n: [[r.rank, r.bytes, r.val_error] for r in rungs] for n, rungs in ladders.items()}
 
 
 @torch.no_grad()
