@@ -26,7 +26,7 @@ from eora_export.calibration import CalibSource, calibration_windows, collect_gr
 from eora_export.compensate.alternating import FB_ALT_DAMP, ROUNDS, feedback_alternate_fit
 from eora_export.compensate.apply import LOWRANK_QUANTS, CompensationConfig, LayerResult, compensate_layers, factor_module, swapped
 from eora_export.compensate.feedback import DEFAULT_DAMP, feedback_compensate_model, feedback_error, feedback_factors
-from eora_export.compensate.ranks import allocate, budget_bytes, budget_compensate, feedback_ladder, ladder_ranks
+from eora_export.compensate.ranks import budget_bytes, budget_compensate
 from eora_export.compress import CompressConfig, compress_model
 from eora_export.defaults import LOWRANK_QUANT
 from eora_export.evaluate import model_logits, recovered_share, score
@@ -122,24 +122,10 @@ def main() -> None:
             spec, _, rounds = spec.partition("#")
             unit = "block" if spec.endswith("-block") else "input"
             ranks = None
-            if spec.endswith("-budget") or spec.endswith("-fbbudget"):
+            if spec.endswith("-budget"):
                 budget = budget_bytes({n: tuple(c.weight.shape) for n, c in compressed.items()}, cfg, "rank", cfg.rank)
                 _, ranks = budget_compensate(compressed, grams, collect_grams(fp_model, linears, val, 8, False), cfg,
                                              budget, biases)
-            if spec.endswith("-fbbudget"):
-                # -fbbudget: a first eora-fb walk with those ranks measures every layer's ladder under
-                # error feedback on the validation windows; the ranks are allocated again from them.
-                ladders = {}
-
-                def probe(name, cl, fit_grams, val_stats, ladders=ladders):
-                    out_f, in_f = cl.weight.shape
-                    rs = ladder_ranks(min(4 * cfg.rank, out_f, in_f), in_f, cfg.lowrank_bits)
-                    ladders[name] = feedback_ladder(cl, fit_grams, val_stats, rs, cfg)[0]
-
-                feedback_compensate_model(c_model, compressed, grams.owner, calib, cfg, biases, 8, unit,
-                                          0.0, DEFAULT_DAMP, ranks, None, residual, val, probe)
-                ranks = allocate(ladders, budget)
-                print("fb ranks:", {n.replace("model.layers.", "").replace("_proj", ""): r for n, r in ranks.items()}, flush=True)
             # -alt[#rounds]: the compressor's codes re-fitted in turn with the factors (--method eora-fb-alt).
             fit = feedback_alternate_fit(setting_run(args.setting), int(rounds or ROUNDS)) if "-alt" in spec else None
             res = feedback_compensate_model(c_model, compressed, grams.owner, calib, cfg, biases, 8, unit,

@@ -203,17 +203,6 @@ class PairedGrams:
     cache: dict = field(default_factory=dict, compare=False, repr=False)  # FitMetric's, for G_c + δI
 
 
-@dataclass(frozen=True)
-class PairedStats:
-    """G_fp, C, G_c [in, in] float64 and the residual stream's error of one shared input on
-    windows that are only measured on (the validation split)."""
-
-    gram_fp: Tensor
-    cross: Tensor
-    gram_c: Tensor
-    resid: Residual | None = None
-
-
 # fit(name, compressed Linear, paired Grams, rank, cfg, bias, shrink) -> LayerResult
 LayerFit = Callable[[str, object, PairedGrams, int, CompensationConfig, "Tensor | None", float], LayerResult]
 
@@ -255,8 +244,6 @@ def feedback_walk(
     ranks: dict[str, int] | None = None,
     fit: LayerFit | None = None,
     residual: Callable[[str], tuple[torch.nn.Module, torch.nn.Module] | None] | None = None,
-    val_batches: Callable[[], Iterable[Tensor]] | None = None,
-    probe: Callable[[str, object, PairedGrams, PairedStats], None] | None = None,
 ) -> dict[str, LayerResult]:
     """Error-feedback EoRA over ``units`` in forward order.
 
@@ -272,9 +259,6 @@ def feedback_walk(
     closed form; ``--method eora-fb-alt`` also re-compresses the weight).
     residual(name): the (FP, compressed) modules whose input is the residual stream the Linear's
     output is added to, or None; given, such a Linear also absorbs that stream's error.
-    val_batches / probe: validation batches (never fitted on) and ``probe(name, compressed Linear,
-    its fitting PairedGrams, its PairedStats on the validation batches)``, called before each fit
-    (feedback-aware rank ladders, :func:`ranks.feedback_ladder`).
     """
     biases = biases or {}
     fit = fit or fit_factors
@@ -288,19 +272,12 @@ def feedback_walk(
         paired = PairedInputs({k: fp_modules[k] for k in keys}, {k: c_module(k) for k in keys},
                               residuals={k: m for k, m in streams.items() if m is not None})
         paired.run(forward_fp, forward_c, batches())
-        val = None
-        if probe is not None:
-            val = PairedInputs({k: fp_modules[k] for k in keys}, {k: c_module(k) for k in keys},
-                               residuals={k: m for k, m in streams.items() if m is not None})
-            val.run(forward_fp, forward_c, val_batches())
         for key, names in keys.items():
             gram_fp, cross, gram_c = paired.grams(key)
             hessian = damped(gram_c, damp)
             shared = PairedGrams(gram_fp, cross, gram_c, hessian, gram_root(hessian, fast=cfg.fast), damp,
                                  paired.residual(key))
             for name in names:
-                if val is not None:
-                    probe(name, compressed[name], shared, PairedStats(*val.grams(key), val.residual(key)))
                 rank = min(cfg.rank if ranks is None else ranks[name], *compressed[name].reference.shape)
                 results[name] = fit(name, compressed[name], shared, rank, cfg, biases.get(name), shrink)
         for name in unit:
@@ -346,8 +323,6 @@ def feedback_compensate_model(
     ranks: dict[str, int] | None = None,
     fit: LayerFit | None = None,
     residual: bool = ABSORB_RESIDUAL,
-    val: Tensor | None = None,
-    probe: Callable[[str, object, PairedGrams, PairedStats], None] | None = None,
 ) -> dict[str, LayerResult]:
     """Error-feedback EoRA for a whole in-memory model (tools/recovery_experiments.py and tests; runs
     give ``--method eora-fb`` through :func:`feedback_block`, one decoder block at a time).
@@ -357,7 +332,6 @@ def feedback_compensate_model(
     so a deep copy of it is the FP reference whose Linear inputs match ``reference``.
     calib: [n, seq] token windows; owner: GramStore.owner (shared inputs, model order).
     The model is returned unchanged; the results hold the EoraLinear modules.
-    val / probe: validation windows [n, seq] and :func:`feedback_walk`'s probe.
     """
     fp = copy.deepcopy(model)
     fp_linears = {n: fp.get_submodule(n) for n in compressed}
@@ -368,8 +342,6 @@ def feedback_compensate_model(
             lambda n, m: set_module(model, n, m), fp, model,
             lambda: [calib[i : i + batch_size] for i in range(0, calib.shape[0], batch_size)],
             cfg, biases, shrink, damp, ranks, fit, residual_pair(fp, model) if residual else None,
-            None if val is None else (lambda: [val[i : i + batch_size] for i in range(0, val.shape[0], batch_size)]),
-            probe,
         )
 
 

@@ -23,7 +23,7 @@ from torch import Tensor
 from ..errors import UsageError
 from .apply import CompensationConfig, FitMetric, factor_module, lowrank_group, quantize_factors
 from .eora import _split_sqrt, gram_root
-from .feedback import PairedGrams, PairedStats, _expanded_error, damped, feedback_target, linear_term, target_energy
+from .feedback import damped
 
 RANK_STEP = 8  # rungs of the ladder: multiples of 8 keep every factor group ≥ 8 wide
 
@@ -70,21 +70,13 @@ def eora_ladder(cl, gram_fit: Tensor, gram_val: Tensor, ranks: list[int], cfg: C
     # tr(E G Eᵀ) = tr(ΔW G ΔWᵀ) − 2⟨B A, ΔW G⟩ + ⟨A G Aᵀ, BᵀB⟩: one out·in² product per layer,
     # then r·in·(out + in) per rung instead of out·in² each.
     p = delta @ g_val
-    return _rungs(cl, (u, s, vh), metric, p, float((p * delta).sum()), g_val, ranks, cfg)
-
-
-def _rungs(cl, svd: tuple[Tensor, Tensor, Tensor], metric: FitMetric, p: Tensor, base: float, g_val: Tensor,
-           ranks: list[int], cfg: CompensationConfig) -> tuple[list[Rung], dict]:
-    """The rungs of nested factors (top-r triplets of the whitened target's ``svd``), each judged
-    by f(B A) = base − 2⟨B A, P⟩ + ⟨A G Aᵀ, BᵀB⟩ with the stored factors: ``p`` [out, in] is the
-    validation objective's linear term, ``base`` its value without factors, ``g_val`` [in, in]."""
-    u, s, vh = svd
+    base = float((p * delta).sum())
     rungs, modules = [Rung(0, 0, base)], {}
     for r in ranks:
         if r == 0:
             continue
-        b, a_white = _split_sqrt(u, s, vh, r, u.shape[0])
-        a = metric.root.unwhiten_rows(a_white)
+        b, a_white = _split_sqrt(u, s, vh, r, delta.shape[0])
+        a = root.unwhiten_rows(a_white)
         module = factor_module(cl, b, a, cfg, None, metric)
         nbytes = module.storage_bytes() - module.weight_q.storage_bytes()
         bq, aq = module.b.double(), module.a.double()
@@ -92,23 +84,6 @@ def _rungs(cl, svd: tuple[Tensor, Tensor, Tensor], metric: FitMetric, p: Tensor,
         rungs.append(Rung(r, nbytes, err))
         modules[r] = module
     return rungs, modules
-
-
-def feedback_ladder(cl, fit: PairedGrams, val: PairedStats, ranks: list[int],
-                    cfg: CompensationConfig) -> tuple[list[Rung], dict]:
-    """Rungs of one CompressedLinear under error feedback: eora-fb's nested factors fitted on
-    ``fit`` (the paired Grams of the calibration windows, its ridge and root), each judged by the
-    feedback objective ‖Y − (W_c + B A) X_c‖²/N on the validation windows' ``val``, Y = W X_fp (+ E).
-    So a layer that can absorb upstream error (later blocks, o/down with the residual stream) is
-    valued for it, which plain :func:`eora_ladder` on FP inputs cannot see."""
-    w, w_c = cl.reference.double(), cl.weight.dequantize().double()
-    t = feedback_target(w, w_c, fit.gram_fp, fit.cross, fit.gram_c, fit.root, 0.0, fit.damp, fit.resid)
-    metric = FitMetric(t.m, fit.root, fit.hessian, fit.cache)
-    g_val = val.gram_c.to(torch.float64)
-    y_cross, w_c_gram = linear_term(w, val.cross, val.resid), w_c @ g_val
-    base = _expanded_error(target_energy(w, val.gram_fp, val.resid), y_cross, w_c, w_c_gram)
-    svd = torch.linalg.svd(t.m, full_matrices=False)
-    return _rungs(cl, svd, metric, y_cross - w_c_gram, base, g_val, ranks, cfg)
 
 
 def eora_ladders(compressed: dict, grams, val_grams, cfg: CompensationConfig, max_rank: int,
