@@ -46,8 +46,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if EARLY_SIGNALS:  # Ctrl-C while the command line was being imported: nothing started yet
             EARLY_SIGNALS.clear()
-            print("eora-export: interrupted; no partial output was written", file=sys.stderr)
-            return Interrupted.exit_code
+            return _report_interrupt()
         return _main(argv, debug)
     finally:
         from . import _early_interrupt
@@ -109,6 +108,10 @@ def _main(argv: list[str], debug: bool) -> int:
 def _interrupted(debug: bool) -> int:
     if debug:
         raise
+    return _report_interrupt()
+
+
+def _report_interrupt() -> int:
     print("eora-export: interrupted; no partial output was written", file=sys.stderr)
     return Interrupted.exit_code
 

@@ -26,6 +26,12 @@ from .eora import _split_sqrt, gram_root
 from .feedback import damped
 
 RANK_STEP = 8  # rungs of the ladder: multiples of 8 keep every factor group ≥ 8 wide
+LADDER_REACH = 4  # ladders reach this multiple of the average rank a budget buys
+
+
+def ladder_top(average_rank: float) -> int:
+    """Top rung of every ladder for a budget worth ``average_rank`` on average (at least one step)."""
+    return max(RANK_STEP, int(LADDER_REACH * average_rank))
 
 
 @dataclass(frozen=True)
@@ -197,14 +203,14 @@ def budget_compensate(
 
     grams / val_grams: GramStore of the fitting and of the validation windows (FP inputs).
     relative: weigh each layer's gain by 1 / its uncompensated validation error (measured
-    alternative; raw errors are the default). max_rank: top of the ladders (default 4 ×
+    alternative; raw errors are the default). max_rank: top of the ladders (default :func:`ladder_top` of
     cfg.rank). Returns (LayerResult per layer, ranks).
     """
     from ..eora_linear import EoraLinear
     from .apply import LayerResult
 
     biases = biases or {}
-    ladders, modules = eora_ladders(compressed, grams, val_grams, cfg, max_rank or 4 * max(cfg.rank, RANK_STEP), damp)
+    ladders, modules = eora_ladders(compressed, grams, val_grams, cfg, max_rank or ladder_top(cfg.rank), damp)
     weights = {n: 1.0 / max(lad[0].val_error, 1e-30) for n, lad in ladders.items()} if relative else None
     chosen = allocate(ladders, budget, weights)
     out = {}

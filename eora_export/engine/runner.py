@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from ..checkpoint import LoadedModel, StreamingCheckpoint, count_parameters
 from ..compensate.apply import LayerResult, layer_rank, swapped
-from ..compensate.ranks import Rung, allocate, budget_bytes, parse_budget
+from ..compensate.ranks import RANK_STEP, Rung, allocate, budget_bytes, ladder_top, parse_budget
 from ..errors import MissingDependency, MissingInput, UsageError
 from ..evaluate import text_report
 from ..methods import get_method
@@ -378,9 +378,9 @@ def _allocate(src, cfg, plan: Plan, comp, targets: dict, calib_ids, val_ids, emb
     kind, value = parse_budget(cfg.rank_budget)
     shapes = {n: tuple(s) for n, s in targets.items()}
     budget = budget_bytes(shapes, comp("eora", None), kind, value)
-    # Ladders reach 4x the average rank the budget buys (bytes: measured against rank 8).
-    average = value if kind == "rank" else 8 * budget / max(budget_bytes(shapes, comp("eora", None), "rank", 8), 1)
-    ladder_plan = replace(plan, methods=[], sweep={}, ladders=True, ladder_max=max(8, int(4 * average)), keep_modules=False)
+    # The average rank a byte budget buys: measured against the bytes of rank RANK_STEP.
+    average = value if kind == "rank" else RANK_STEP * budget / max(budget_bytes(shapes, comp("eora", None), "rank", RANK_STEP), 1)
+    ladder_plan = replace(plan, methods=[], sweep={}, ladders=True, ladder_max=ladder_top(average), keep_modules=False)
 
     def first() -> dict[str, Tensor]:
         return {"calib": embedded("calib", calib_ids), "val": embedded("val", val_ids)}
