@@ -91,15 +91,67 @@ def token_windows(tokenizer, texts: list[str], seq_len: int, max_windows: int | 
     return torch.tensor(ids[: n * seq_len], dtype=torch.int64).reshape(n, seq_len)
 
 
-def calibration_windows(tokenizer, sources: list[CalibSource], samples: int, seq_len: int) -> Tensor:
-    """int64 ``[samples, seq_len]`` drawn from the sources in proportion to their weights."""
+# Calibration windows are spread evenly over the whole text, not taken from its head: a file that
+# concatenates sources (docs, then licences, then changelogs…) would otherwise calibrate on its first
+# source only. Measured on the demo, whose calib.txt is ordered that way (README, Results).
+SPREAD_TEXT = 16  # tokenise at most this many windows' worth of text per fitting window
+CHARS_PER_TOKEN = 4  # estimate used only to size that budget in characters before tokenising
+
+
+def spread_indices(n: int, k: int) -> list[int]:
+    """``k`` indices spread evenly over ``range(n)``, ascending (all of them when ``k ≥ n``)."""
+    if k >= n:
+        return list(range(n))
+    return [int((i + 0.5) * n / k) for i in range(k)]
+
+
+def spread_text(docs: list[str], max_chars: int, regions: int) -> list[str]:
+    """The documents of a text longer than ``max_chars``, cut down to ``regions`` evenly spaced spans of
+    ``max_chars / regions`` characters each (pieces of documents, in order), so tokenising stays
+    bounded on huge files while every part of the file is still represented. Shorter texts unchanged."""
+    total = sum(len(d) for d in docs)
+    if total <= max_chars:
+        return docs
+    span, stride = max(1, max_chars // regions), total / regions
+    starts = [int(r * stride) for r in range(regions)]
+    out, pos = [], 0
+    for doc in docs:
+        end = pos + len(doc)
+        for s in starts:
+            lo, hi = max(s, pos), min(s + span, end)
+            if lo < hi:
+                out.append(doc[lo - pos : hi - pos])
+        pos = end
+    return out
+
+
+def source_windows(tokenizer, path: Path, fit: int, val: int, seq_len: int) -> tuple[Tensor, Tensor]:
+    """One calibration source cut into windows: (``fit`` windows to calibrate on, ``val`` validation
+    windows), int64 ``[≤ n, seq_len]`` each, both spread evenly over the text and disjoint. The fitting
+    windows do not depend on ``val``; fewer come back when the text is shorter."""
+    docs = spread_text(read_texts(path), SPREAD_TEXT * fit * seq_len * CHARS_PER_TOKEN, fit)
+    windows = token_windows(tokenizer, docs, seq_len)
+    fit_idx = spread_indices(windows.shape[0], fit)
+    taken = set(fit_idx)
+    rest = [i for i in range(windows.shape[0]) if i not in taken]
+    val_idx = [rest[j] for j in spread_indices(len(rest), val)] if val > 0 else []
+    return windows[fit_idx], windows[val_idx]
+
+
+def _shares(sources: list[CalibSource], samples: int) -> list[int]:
+    """Windows per source for ``samples`` in all, in proportion to the sources' weights."""
     total_w = sum(s.weight for s in sources)
     if total_w <= 0:
         raise BadInput("calibration weights must be positive; e.g. --calib data.txt:0.7 --calib task.jsonl:0.3")
+    return [max(1, math.ceil(samples * s.weight / total_w)) for s in sources]
+
+
+def calibration_windows(tokenizer, sources: list[CalibSource], samples: int, seq_len: int) -> Tensor:
+    """int64 ``[samples, seq_len]`` drawn from the sources in proportion to their weights, each
+    source's windows spread over its whole text (:func:`source_windows`)."""
     parts = []
-    for s in sources:
-        want = max(1, math.ceil(samples * s.weight / total_w))
-        got = token_windows(tokenizer, read_texts(s.path), seq_len, want)
+    for s, want in zip(sources, _shares(sources, samples), strict=True):
+        got = source_windows(tokenizer, s.path, want, 0, seq_len)[0]
         if got.shape[0] == 0:
             raise BadInput(
                 f"calibration file {s.path} is shorter than one {seq_len}-token sequence; "
@@ -107,6 +159,16 @@ def calibration_windows(tokenizer, sources: list[CalibSource], samples: int, seq
             )
         parts.append(got)
     return torch.cat(parts)[:samples]
+
+
+def validation_windows(tokenizer, sources: list[CalibSource], calib_samples: int, val_samples: int,
+                       seq_len: int) -> Tensor:
+    """int64 ``[≤ val_samples, seq_len]``: calibration-text windows that :func:`calibration_windows`
+    does not fit on (per source, the same share), spread over the rest of the text, so the
+    validation split is never used to fit and the fitting windows are unchanged."""
+    fits, wants = _shares(sources, calib_samples), _shares(sources, val_samples)
+    parts = [source_windows(tokenizer, s.path, fit, want, seq_len)[1] for s, fit, want in zip(sources, fits, wants, strict=True)]
+    return torch.cat(parts)[:val_samples]
 
 
 @dataclass

@@ -80,7 +80,7 @@ class RunConfig:
     calib: list[str] = field(default_factory=list, metadata=cli(group=DATA, metavar="FILE[:WEIGHT]",
                                help="calibration text or JSONL ('text' field); repeat to mix sets with weights",
                                default_help="built-in English text"))
-    calib_samples: int = field(default=128, metadata=cli(group=DATA, help="calibration sequences"))
+    calib_samples: int = field(default=128, metadata=cli(group=DATA, help="calibration sequences, spread evenly over the calibration text"))
     seq_len: int = field(default=256, metadata=cli(group=DATA, help="tokens per sequence"))
     eval_file: str | None = field(default=None, metadata=cli(group=DATA, help="in-domain held-out text for perplexity and KL to FP16",
                                     default_help="the demo's held-out split"))
@@ -105,7 +105,7 @@ class RunConfig:
                                       "measured validation gain per byte; layers that gain nothing get rank 0",
                                       default_help="uniform --rank"))
     val_samples: int = field(default=32, metadata=cli(group=COMPENSATION,
-        help="calibration windows after the fitting ones, held out to allocate --rank-budget"))
+        help="calibration windows beside the fitting ones, never fitted on, held out to allocate --rank-budget"))
     only: list[str] = field(default_factory=list, metadata=cli(group=COMPRESSION, metavar="PATTERN",
                               help="compress only Linears matching this fnmatch pattern (repeatable)"))
     skip: list[str] = field(default_factory=list, metadata=cli(group=COMPRESSION, metavar="PATTERN",

@@ -1,4 +1,5 @@
-"""Gram accumulation: float64, equal token weights, shared by Linears reading one input."""
+"""Gram accumulation: float64, equal token weights, shared by Linears reading one input; calibration and
+validation windows spread over the whole text."""
 
 import json
 
@@ -6,7 +7,15 @@ import pytest
 import torch
 from torch import nn
 
-from eora_export.calibration import CalibSource, GramCollector, read_texts
+from eora_export.calibration import (
+    CalibSource,
+    GramCollector,
+    calibration_windows,
+    read_texts,
+    spread_indices,
+    spread_text,
+    validation_windows,
+)
 from eora_export.errors import BadInput
 
 
@@ -86,3 +95,62 @@ def test_calib_source_weights():
     assert CalibSource.parse("data.txt:0.25").weight == 0.25
     assert CalibSource.parse("data.txt").weight == 1.0
     assert str(CalibSource.parse("C:/x/data.txt").path) == "C:/x/data.txt"
+
+
+class CharTokenizer:
+    """One token per character (its code point), EOS 0: windows can be read back as text."""
+
+    eos_token_id = 0
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [ord(c) for c in text]}
+
+
+def _sections(tmp_path, letters="abcd", docs_per=30, doc_len=40):
+    """A file ordered by source, as concatenated corpora are: all 'a' documents, then all 'b', …"""
+    path = tmp_path / "calib.txt"
+    path.write_text("\n\n".join(ch * doc_len for ch in letters for _ in range(docs_per)))
+    return path
+
+
+def _letters(windows):
+    return {chr(t) for w in windows for t in w.tolist() if t}
+
+
+def test_calibration_windows_cover_a_source_ordered_file(tmp_path):
+    src = [CalibSource(_sections(tmp_path))]  # 4 × 30 docs of 41 tokens: 76 windows of 64
+    calib = calibration_windows(CharTokenizer(), src, 8, 64)
+    assert calib.shape == (8, 64)
+    # The head of the file is all 'a': windows taken from it would miss three of the four sources.
+    assert _letters(calib) == set("abcd")
+    val = validation_windows(CharTokenizer(), src, 8, 4, 64)
+    assert val.shape == (4, 64) and _letters(val) == set("abcd")
+    fit_rows = {tuple(w.tolist()) for w in calib}
+    windows_at = {tuple(w.tolist()): i for i, w in enumerate(calibration_windows(CharTokenizer(), src, 1000, 64))}
+    assert not {windows_at[tuple(w.tolist())] for w in val} & {windows_at[r] for r in fit_rows}  # never fitted on
+    # The fitting windows do not depend on how many validation windows are asked for.
+    assert torch.equal(calibration_windows(CharTokenizer(), src, 8, 64), calib)
+
+
+def test_short_text_gives_every_window_in_order(tmp_path):
+    path = tmp_path / "short.txt"
+    path.write_text("x" * 200)
+    calib = calibration_windows(CharTokenizer(), [CalibSource(path)], 50, 64)
+    assert calib.shape == (3, 64)  # 201 tokens with EOS: three whole windows
+    assert validation_windows(CharTokenizer(), [CalibSource(path)], 50, 8, 64).shape[0] == 0
+
+
+def test_spread_indices():
+    assert spread_indices(5, 8) == [0, 1, 2, 3, 4]
+    idx = spread_indices(100, 4)
+    assert idx == sorted(set(idx)) and len(idx) == 4 and idx[0] < 25 <= idx[1] < 50 <= idx[2] < 75 <= idx[3]
+
+
+def test_spread_text_bounds_huge_files_and_keeps_every_region():
+    docs = [ch * 1000 for ch in "abcdefghij"]  # 10 000 characters, one letter per tenth
+    assert spread_text(docs, 10_000, 5) == docs  # fits: unchanged
+    cut = spread_text(docs, 2_000, 5)
+    assert sum(map(len, cut)) <= 2_000
+    assert {d[0] for d in cut} == set("acegi")  # five evenly spaced spans of 400 characters
+    one = spread_text(["".join(docs)], 2_000, 5)  # one giant document is cut as well
+    assert sum(map(len, one)) <= 2_000 and {d[0] for d in one} == set("acegi")

@@ -314,6 +314,20 @@ def test_bad_input(tiny_model_dir, tmp_path, capsys, monkeypatch, quiet_transfor
         assert _debris(folder) == [], folder
 
 
+def test_usage_error_printed_once_under_torchrun(capsys, monkeypatch):
+    """Every torchrun rank parses the same command line: rank 0 alone prints its usage error, all exit 2."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, lines in (("0", 1), ("1", 0)):
+        monkeypatch.setenv("RANK", rank)
+        capsys.readouterr()
+        assert main(["--model", "demo", "--no-such-flag"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == lines, (rank, err)
+    monkeypatch.setenv("WORLD_SIZE", "1")  # a single process always prints, whatever RANK says
+    assert main(["--model", "demo", "--no-such-flag"]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
 def test_debug_shows_the_traceback(tiny_model_dir, tmp_path):
     env = Env(model=tiny_model_dir, out=tmp_path / "out", tmp=tmp_path)
     env.argv["--group-size"] = ["100"]

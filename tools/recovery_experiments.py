@@ -22,7 +22,7 @@ from types import SimpleNamespace
 
 import torch
 
-from eora_export.calibration import CalibSource, calibration_windows, collect_grams, read_texts, token_windows
+from eora_export.calibration import CalibSource, calibration_windows, collect_grams, read_texts, token_windows, validation_windows
 from eora_export.compensate.alternating import FB_ALT_DAMP, ROUNDS, feedback_alternate_fit
 from eora_export.compensate.apply import LOWRANK_QUANTS, CompensationConfig, LayerResult, compensate_layers, factor_module, swapped
 from eora_export.compensate.feedback import DEFAULT_DAMP, feedback_compensate_model, feedback_error, feedback_factors
@@ -54,7 +54,7 @@ def main() -> None:
     ap.add_argument("--lowrank-quant", choices=LOWRANK_QUANTS, default=LOWRANK_QUANT, help="factor rounding (as the CLI)")
     ap.add_argument("--methods", default="none,svd,eora,eora-fb")
     ap.add_argument("--calib-samples", type=int, default=128)
-    ap.add_argument("--val-samples", type=int, default=32, help="calibration windows after the fitting ones")
+    ap.add_argument("--val-samples", type=int, default=32, help="calibration windows beside the fitting ones (never fitted on)")
     ap.add_argument("--eval-samples", type=int, default=10_000, help="held-out windows (default: all)")
     ap.add_argument("--ood", type=Path, default=None, help="out-of-domain text file")
     ap.add_argument("--ood-samples", type=int, default=200)
@@ -67,8 +67,9 @@ def main() -> None:
     print("command:", "OMP_NUM_THREADS=1 python " + " ".join(sys.argv), flush=True)
 
     fp_model, tok = load_model(DEMO_DIR)
-    windows = calibration_windows(tok, [CalibSource(DEMO_DIR / "calib.txt")], args.calib_samples + args.val_samples, args.seq_len)
-    calib, val = windows[: args.calib_samples], windows[args.calib_samples :]
+    sources = [CalibSource(DEMO_DIR / "calib.txt")]
+    calib = calibration_windows(tok, sources, args.calib_samples, args.seq_len)  # the CLI's windows
+    val = validation_windows(tok, sources, args.calib_samples, args.val_samples, args.seq_len)
     held = token_windows(tok, read_texts(DEMO_DIR / "heldout.txt"), args.seq_len, args.eval_samples)
     evals = {"val": val, "in": held}
     if args.ood:

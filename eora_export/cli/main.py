@@ -12,7 +12,7 @@ import signal
 import sys
 from collections.abc import Callable
 
-from ..errors import INTERNAL_ERROR_EXIT_CODE, EoraError, Interrupted
+from ..errors import INTERNAL_ERROR_EXIT_CODE, EoraError, Interrupted, UsageError
 from . import commands, finetune
 from .run import build_parser, run
 
@@ -76,6 +76,8 @@ def _main(argv: list[str], debug: bool) -> int:
             return _interrupted(debug)
         if debug:
             raise
+        if isinstance(e, UsageError) and _follower_rank():
+            return e.exit_code  # rank 0 prints it
         print(f"eora-export: error: {e}", file=sys.stderr)
         return e.exit_code
     except BrokenPipeError:
@@ -103,6 +105,16 @@ def _main(argv: list[str], debug: bool) -> int:
             raise
         print(f"eora-export: internal error: {type(e).__name__}: {e} (rerun with --debug and report it)", file=sys.stderr)
         return INTERNAL_ERROR_EXIT_CODE
+
+
+def _follower_rank() -> bool:
+    """A torchrun rank other than 0. A usage error comes from the command line every rank shares, so
+    every rank finds the same one: rank 0 alone reports it instead of one copy per process. Other
+    errors may differ between ranks (a file missing on one node) and each rank reports its own."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) != 0
+    except ValueError:
+        return False
 
 
 def _interrupted(debug: bool) -> int:

@@ -221,21 +221,3 @@ def budget_compensate(
         rung = next(x for x in ladders[n] if x.rank == r)
         out[n] = LayerResult(module, r, ladders[n][0].val_error, rung.val_error)
     return out, chosen
-
-
-def validation_windows(tokenizer, sources: list, calib_samples: int, val_samples: int, seq_len: int) -> Tensor:
-    """int64 ``[≤ val_samples, seq_len]``: windows of the calibration text *after* the ones
-    :func:`calibration.calibration_windows` fits on (per source, the same share), so the
-    validation split is never used to fit and the fitting windows are unchanged.
-    """
-    import math
-
-    from ..calibration import read_texts, token_windows
-
-    total_w = sum(s.weight for s in sources)
-    parts = []
-    for s in sources:
-        fit = max(1, math.ceil(calib_samples * s.weight / total_w))
-        want = max(1, math.ceil(val_samples * s.weight / total_w))
-        parts.append(token_windows(tokenizer, read_texts(s.path), seq_len, fit + want)[fit:])
-    return torch.cat(parts)[:val_samples]

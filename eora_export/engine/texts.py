@@ -10,8 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..calibration import CalibSource, calibration_windows, read_texts, token_windows
-from ..compensate.ranks import validation_windows
+from ..calibration import CalibSource, calibration_windows, read_texts, token_windows, validation_windows
 from ..errors import BadInput
 from ..models import DEMO_DIR
 
@@ -59,7 +58,7 @@ def run_windows(tokenizer, cfg, is_demo: bool) -> tuple[torch.Tensor, list[EvalT
 
 
 def run_validation_windows(tokenizer, cfg, required: bool) -> torch.Tensor | None:
-    """The validation split: calibration text after the fitting windows, never fitted on (ranks of
+    """The validation split: calibration windows beside the fitting ones, never fitted on (ranks of
     --rank-budget, and the model-level never-worse check of every compensated run). None when the
     text has none left and ``required`` is False."""
     val = validation_windows(tokenizer, calib_sources(cfg), cfg.calib_samples, cfg.val_samples, cfg.seq_len)
