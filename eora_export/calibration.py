@@ -8,6 +8,7 @@ that re-weights batches is a known bug elsewhere). Linears that read the same te
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 from dataclasses import dataclass, field
@@ -117,10 +118,13 @@ def spread_text(docs: list[str], max_chars: int, regions: int) -> list[str]:
     out, pos = [], 0
     for doc in docs:
         end = pos + len(doc)
-        for s in starts:
-            lo, hi = max(s, pos), min(s + span, end)
-            if lo < hi:
-                out.append(doc[lo - pos : hi - pos])
+        pieces = []
+        r = bisect.bisect_left(starts, end) - 1  # the last span starting inside this document or before it
+        while r >= 0 and starts[r] + span > pos:  # spans are shorter than the stride: few per document
+            lo, hi = max(starts[r], pos), min(starts[r] + span, end)
+            pieces.append(doc[lo - pos : hi - pos])
+            r -= 1
+        out.extend(reversed(pieces))
         pos = end
     return out
 
