@@ -12,6 +12,7 @@ from eora_export.calibration import (
     GramCollector,
     calibration_windows,
     read_texts,
+    source_windows,
     spread_indices,
     spread_text,
     validation_windows,
@@ -129,7 +130,8 @@ def test_calibration_windows_cover_a_source_ordered_file(tmp_path):
     windows_at = {tuple(w.tolist()): i for i, w in enumerate(calibration_windows(CharTokenizer(), src, 1000, 64))}
     assert not {windows_at[tuple(w.tolist())] for w in val} & {windows_at[r] for r in fit_rows}  # never fitted on
     # The fitting windows do not depend on how many validation windows are asked for.
-    assert torch.equal(calibration_windows(CharTokenizer(), src, 8, 64), calib)
+    for val_n in (0, 4, 40):
+        assert torch.equal(source_windows(CharTokenizer(), src[0].path, 8, val_n, 64)[0], calib)
 
 
 def test_short_text_gives_every_window_in_order(tmp_path):
