@@ -33,15 +33,19 @@ def test_score_pairs_model_and_reference_on_the_same_windows():
     def ref_fn(ids):
         return table[ids]
 
-    def noisy(ids):
+    def noisy(ids):  # a perturbation that differs across the vocabulary, so the distribution moves
+        return table[ids] + 0.5 * torch.sin(ids.float()[..., None] + torch.arange(13.0))
+
+    def shifted(ids):  # the same shift on every logit of a position: softmax, and so KL, unchanged
         return table[ids] + 0.5 * torch.sin(ids.float())[..., None]
 
     s = score(noisy, windows, ref_fn, batch_size=3, progress=False)
     assert s.nll.shape == s.kl.shape == (10,)
     assert s.tokens == 50
     assert s.perplexity == pytest.approx(math.exp(s.nll.sum().item() / 50))
-    assert s.mean_kl > 0
+    assert s.mean_kl > 1e-3
     assert score(ref_fn, windows, ref_fn, progress=False).mean_kl == pytest.approx(0.0, abs=1e-6)
+    assert score(shifted, windows, ref_fn, progress=False).mean_kl == pytest.approx(0.0, abs=1e-6)
 
 
 def test_paired_bootstrap_separates_a_real_shift_from_noise():
