@@ -367,7 +367,8 @@ def _never_worse(src, cfg, streams, val_ids, device) -> dict:
     worse = kl[final] > kl[none]
     if worse:
         log.warning("--method %s is worse than no compensation on the validation split (KL %.5f vs %.5f); "
-                    "compare both in the report before shipping it, or try a higher --rank or --method eora-fb-alt", cfg.method, kl[final], kl[none])
+                    "compare both in the report before shipping it, or try a higher --rank or --method eora-fb-alt",
+                    cfg.method, kl[final], kl[none])
     return {"windows": int(val_ids.shape[0]), "kl": kl, "worse_than_uncompensated": worse}
 
 
