@@ -187,6 +187,7 @@ def test_a_method_worse_than_no_compensation_is_flagged(tiny_model_dir, tmp_path
     assert val["kl"]["compressed+noisy-test"] > val["kl"]["compressed"]
     warnings = [r.getMessage() for r in caplog.records if "worse than no compensation" in r.getMessage()]
     assert len(warnings) == 1 and "--method noisy-test" in warnings[0]
+    assert warnings[0].endswith("try a higher --rank or --method eora-fb-alt")
     # and a method that helps is not flagged
     good = run(_small_cfg(tiny_model_dir, tmp_path / "good", ood_file="none", val_samples=4), progress=False).report
     assert not good["validation"]["worse_than_uncompensated"]
