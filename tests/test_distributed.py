@@ -132,3 +132,62 @@ def test_an_error_on_one_rank_is_one_line_naming_it(model4: Path, tmp_path: Path
     assert len(lines) == 1 and "rank 1 (block 3)" in lines[0] and "NaN" in lines[0], log[-3000:]
     assert not (tmp_path / "two").exists()
     assert torch.isnan(state["model.layers.3.mlp.down_proj.weight"]).any()
+
+
+@pytest.fixture
+def one_rank_group(monkeypatch):
+    """from_env under a launch, with the group it joins made in this process: one rank over a
+    HashStore (two real ranks need torchrun, which the tests above use)."""
+    import torch.distributed as dist
+
+    from eora_export.engine import distributed
+
+    real_init = dist.init_process_group
+
+    def init_one_rank(backend, timeout):
+        real_init(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(dist, "init_process_group", init_one_rank)
+    monkeypatch.setattr(distributed, "_joined_here", False)
+    yield distributed
+    monkeypatch.undo()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def test_a_finished_run_ends_the_process_group_it_joined(model4: Path, tmp_path: Path, one_rank_group):
+    # Left to interpreter shutdown, gloo's threads abort the rank now and then (SIGABRT after the
+    # output was written: a CI failure of test_two_processes_equal_one).
+    import torch.distributed as dist
+
+    assert main([*_flags(model4), "--out", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "report.json").exists()
+    assert not dist.is_initialized()
+
+
+def test_leave_ends_only_a_group_from_env_made(one_rank_group):
+    import torch.distributed as dist
+
+    distributed = one_rank_group
+    dist.init_process_group("gloo", timeout=distributed.WAIT_TIMEOUT)  # the caller's own (through the same stand-in)
+    assert distributed.from_env() == distributed.Ranks(0, 1)
+    distributed.leave()
+    assert dist.is_initialized(), "a group the caller made is the caller's to end"
+    dist.destroy_process_group()
+    assert distributed.from_env() == distributed.Ranks(0, 1)
+    distributed.leave()
+    assert not dist.is_initialized()
+    distributed.leave()  # twice: nothing left to end
+
+
+def test_a_usage_error_under_torchrun_is_one_line_from_rank_0(model4: Path, tmp_path: Path):
+    code, log = _finish(_torchrun([*_flags(model4), "--rank-budget", "8", "--stream-inputs", "compressed",
+                                   "--out", str(tmp_path / "two")], tmp_path))
+    assert code != 0
+    lines = [line for line in log.splitlines() if line.startswith("eora-export: error:")]
+    assert len(lines) == 1 and "--rank-budget" in lines[0], log[-3000:]
+    # The rank that printed left first: torchrun names it as the root cause, with the usage exit code.
+    root = log.split("Root Cause", 1)[1]
+    assert "rank      : 0" in root and "exitcode  : 2" in root, log[-3000:]
+    assert not (tmp_path / "two").exists()

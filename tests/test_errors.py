@@ -315,14 +315,28 @@ def test_bad_input(tiny_model_dir, tmp_path, capsys, monkeypatch, quiet_transfor
 
 
 def test_usage_error_printed_once_under_torchrun(capsys, monkeypatch):
-    """Every torchrun rank parses the same command line: rank 0 alone prints its usage error, all exit 2."""
+    """Every torchrun rank parses the same command line: rank 0 alone prints its usage error, all exit 2.
+    The silent ranks wait for rank 0 to leave first (torchrun stops the rest when one exits)."""
+    cli_main = sys.modules["eora_export.cli.main"]
+
+    naps = []
+    monkeypatch.setattr(cli_main.time, "sleep", naps.append)
     monkeypatch.setenv("WORLD_SIZE", "2")
-    for rank, lines in (("0", 1), ("1", 0)):
+    for rank, lines, waits in (("0", 1, []), ("1", 0, [cli_main.FOLLOWER_GRACE_S])):
         monkeypatch.setenv("RANK", rank)
         capsys.readouterr()
+        naps.clear()
         assert main(["--model", "demo", "--no-such-flag"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == lines, (rank, err)
+        assert naps == waits, rank
+
+    def stopped(seconds):  # torchrun's SIGTERM during the wait, once rank 0 has exited
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_main.time, "sleep", stopped)
+    assert main(["--model", "demo", "--no-such-flag"]) == 2
+    assert capsys.readouterr().err.strip() == ""
     monkeypatch.setenv("WORLD_SIZE", "1")  # a single process always prints, whatever RANK says
     assert main(["--model", "demo", "--no-such-flag"]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1

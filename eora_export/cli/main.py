@@ -6,10 +6,12 @@ Every failure a user can cause prints one line and exits with the code of its cl
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable
 
 from ..errors import INTERNAL_ERROR_EXIT_CODE, EoraError, Interrupted, UsageError
@@ -26,6 +28,11 @@ SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {
 
 
 _signalled = False  # Ctrl-C or SIGTERM arrived during this run
+
+# How long a torchrun rank other than 0 outlives a usage error that rank 0 reports: torchrun stops
+# every rank once one exits, so a silent rank leaving first could stop rank 0 before its line.
+# Rank 0 meets the same error within milliseconds; its exit ends the wait (torchrun's SIGTERM).
+FOLLOWER_GRACE_S = 5.0
 
 
 def _on_signal(signum, frame) -> None:
@@ -77,6 +84,8 @@ def _main(argv: list[str], debug: bool) -> int:
         if debug:
             raise
         if isinstance(e, UsageError) and _follower_rank():
+            with contextlib.suppress(KeyboardInterrupt):  # torchrun's SIGTERM, once rank 0 has left
+                time.sleep(FOLLOWER_GRACE_S)
             return e.exit_code  # rank 0 prints it
         print(f"eora-export: error: {e}", file=sys.stderr)
         return e.exit_code
