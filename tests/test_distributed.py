@@ -149,7 +149,6 @@ def one_rank_group(monkeypatch):
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setattr(dist, "init_process_group", init_one_rank)
-    monkeypatch.setattr(distributed, "_joined_here", False)
     yield distributed
     monkeypatch.undo()
     if dist.is_initialized():
@@ -171,14 +170,16 @@ def test_leave_ends_only_a_group_from_env_made(one_rank_group):
 
     distributed = one_rank_group
     dist.init_process_group("gloo", timeout=distributed.WAIT_TIMEOUT)  # the caller's own (through the same stand-in)
-    assert distributed.from_env() == distributed.Ranks(0, 1)
-    distributed.leave()
+    theirs = distributed.from_env()
+    assert theirs == distributed.Ranks(0, 1, owns_group=False)
+    distributed.leave(theirs)
     assert dist.is_initialized(), "a group the caller made is the caller's to end"
     dist.destroy_process_group()
-    assert distributed.from_env() == distributed.Ranks(0, 1)
-    distributed.leave()
+    ours = distributed.from_env()
+    assert ours == distributed.Ranks(0, 1, owns_group=True)
+    distributed.leave(ours)
     assert not dist.is_initialized()
-    distributed.leave()  # twice: nothing left to end
+    distributed.leave(ours)  # twice: nothing left to end
 
 
 def test_a_usage_error_under_torchrun_is_one_line_from_rank_0(model4: Path, tmp_path: Path):
@@ -188,6 +189,7 @@ def test_a_usage_error_under_torchrun_is_one_line_from_rank_0(model4: Path, tmp_
     lines = [line for line in log.splitlines() if line.startswith("eora-export: error:")]
     assert len(lines) == 1 and "--rank-budget" in lines[0], log[-3000:]
     # The rank that printed left first: torchrun names it as the root cause, with the usage exit code.
+    assert "Root Cause" in log, log[-3000:]
     root = log.split("Root Cause", 1)[1]
     assert "rank      : 0" in root and "exitcode  : 2" in root, log[-3000:]
     assert not (tmp_path / "two").exists()

@@ -46,8 +46,6 @@ from .walk import Plan, _on, propagate_block, walk
 # big models. A dead peer is noticed sooner: torchrun stops every rank when one exits.
 WAIT_TIMEOUT = timedelta(hours=72)
 
-_joined_here = False  # from_env made the process group, so leave() may end it
-
 
 @dataclass(frozen=True)
 class Ranks:
@@ -55,6 +53,7 @@ class Ranks:
 
     rank: int
     world: int
+    owns_group: bool = False  # from_env made the process group, so leave() ends it
 
     @property
     def first(self) -> bool:
@@ -75,16 +74,15 @@ def from_env() -> Ranks | None:
         return None
     import torch.distributed as dist
 
-    global _joined_here
-    if not dist.is_initialized():
+    made = not dist.is_initialized()
+    if made:
         dist.init_process_group("gloo", timeout=WAIT_TIMEOUT)
-        _joined_here = True
     if torch.cuda.is_available():  # --device cuda/auto: one GPU per local rank
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
-    return Ranks(dist.get_rank(), dist.get_world_size())
+    return Ranks(dist.get_rank(), dist.get_world_size(), owns_group=made)
 
 
-def leave() -> None:
+def leave(ranks: Ranks) -> None:
     """End the process group :func:`from_env` made, once every rank is past its last collective.
 
     Gloo's worker threads still alive when the interpreter finalizes abort a rank that has
@@ -95,10 +93,8 @@ def leave() -> None:
     """
     import torch.distributed as dist
 
-    global _joined_here
-    if _joined_here and dist.is_initialized():
+    if ranks.owns_group and dist.is_initialized():
         dist.destroy_process_group()
-    _joined_here = False
 
 
 def block_range(num_layers: int, ranks: Ranks) -> range:

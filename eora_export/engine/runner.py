@@ -330,7 +330,7 @@ def run(cfg, progress: bool = True, *, calib_windows: Tensor | None = None, eval
             folder.rmdir()
     if ranks is not None:
         distributed.barrier()  # the other ranks wait for the output folder
-        distributed.leave()
+        distributed.leave(ranks)
     return RunResult(report, out, path, tokenizer, held, None if streamed else src.model, plan.results)
 
 
